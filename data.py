@@ -1,0 +1,495 @@
+"""Data for the study: MVTec AD folder layout, seeded experiment splits, 512 px transforms, and a synthetic generator.
+
+Every script reads images through this file, so bad input fails here with one sentence that names the path.
+
+    python data.py synth --out /tmp/s --size 128 --seed 0          # synthetic MVTec-layout tree (weave, washer)
+    python data.py check --data-root /tmp/s --category weave        # counts per folder, or the error
+    python data.py split --data-root /tmp/s --category weave --scenario all-types --k 5 --out /tmp/split.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SCENARIOS = ("all-types", "unseen-type", "few-shot")
+POOL_FRACTION = 0.5  # at most half of each test folder may be given to the classifier; the rest is evaluated
+SYNTH_DEFECTS = ("scratch", "hole", "stain", "missing")
+
+
+class DataError(ValueError):
+    """Bad input: the message is one sentence that names the path and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The MVTec AD layout: <root>/<category>/{train/good, test/<type>, ground_truth/<type>/<stem>_mask.png}
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    """One image: where it is, what it is, and where its mask is (None for good images or a missing mask)."""
+    path: str          # absolute path of the image
+    rel: str           # path relative to the category folder, e.g. "test/hole/003.png" (used in split files)
+    label: int         # 0 good, 1 defect (from the folder name)
+    defect_type: str   # "good" or the test sub-folder name
+    mask_path: str | None
+
+    @property
+    def has_mask(self) -> bool:
+        """Good images have an all-zero mask; a defect image has one only if its mask file exists."""
+        return self.label == 0 or self.mask_path is not None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Sorted image files in a folder (no recursion)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def category_dir(root: str | Path, category: str) -> Path:
+    """Check that root/category exists and looks like the MVTec layout; return it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist (expected a folder holding <category>/train/good)")
+    folder = root / category
+    if not folder.is_dir():
+        found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+        raise DataError(f"category '{category}' not found in {root}; categories found: {', '.join(found) or 'none'}")
+    return folder
+
+
+def find_mask(gt_dir: Path, stem: str) -> Path | None:
+    """The mask of image <stem>: <stem>_mask.png (MVTec AD) or <stem>.png, else None."""
+    for name in (f"{stem}_mask.png", f"{stem}.png"):
+        if (gt_dir / name).is_file():
+            return gt_dir / name
+    return None
+
+
+def load_category(root: str | Path, category: str) -> tuple[list[Sample], list[Sample]]:
+    """(train samples, test samples) of one category, sorted by defect type then file name."""
+    folder = category_dir(root, category)
+    good_dir = folder / "train" / "good"
+    train_files = list_images(good_dir) if good_dir.is_dir() else []
+    if not train_files:
+        raise DataError(f"no training images in {good_dir} (expected image files of normal parts)")
+    train = [Sample(str(p), str(p.relative_to(folder)), 0, "good", None) for p in train_files]
+
+    test_dir = folder / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"no test folder {test_dir} (expected test/good and test/<defect_type> folders)")
+    test, missing_masks = [], []
+    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        files = list_images(type_dir)
+        if not files:
+            raise DataError(f"test folder {type_dir} has no images")
+        label = 0 if type_dir.name == "good" else 1
+        for p in files:
+            mask = None if label == 0 else find_mask(folder / "ground_truth" / type_dir.name, p.stem)
+            if label == 1 and mask is None:
+                missing_masks.append(p)
+            test.append(Sample(str(p), str(p.relative_to(folder)), label, type_dir.name, mask and str(mask)))
+    if not any(s.label == 1 for s in test):
+        raise DataError(f"category {folder} has no defect images (expected test/<defect_type> folders besides good)")
+    if missing_masks:  # allowed (users' own data): pixel metrics skip these images
+        warnings.warn(f"{len(missing_masks)} defect images have no mask in {folder / 'ground_truth'} "
+                      f"(first: {missing_masks[0]}); pixel metrics skip them", stacklevel=2)
+    return train, test
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Read an image as 3-channel RGB (grayscale and RGBA are converted); name the file if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces the full decode, so a truncated file fails here
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def read_mask(sample: Sample, image_size: tuple[int, int]) -> np.ndarray:
+    """Binary mask (H, W) of a sample at its image's original size (W, H); zeros for good images."""
+    if sample.mask_path is None:
+        return np.zeros(image_size[::-1], dtype=bool)
+    try:
+        with Image.open(sample.mask_path) as im:
+            mask = np.asarray(im.convert("L")) > 0
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read mask {sample.mask_path}: {e}") from None
+    if mask.shape[::-1] != tuple(image_size):
+        raise DataError(f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} px but its image "
+                        f"{sample.path} is {image_size[0]}x{image_size[1]} px")
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms and the torch Dataset
+# ----------------------------------------------------------------------------------------------------------------
+def image_to_tensor(image: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float],
+                    center_crop: int | None = None) -> torch.Tensor:
+    """Resize to image_size x image_size (bilinear, antialiased), optionally center-crop, normalise: (3, S, S)."""
+    image = image.resize((image_size, image_size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    if center_crop:
+        x = crop_center(x, center_crop)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def mask_to_tensor(mask: np.ndarray, image_size: int, center_crop: int | None = None) -> torch.Tensor:
+    """Resize a binary mask with nearest-neighbour (never bilinear) like its image: (1, S, S) float in {0, 1}."""
+    m = Image.fromarray(mask.astype(np.uint8) * 255).resize((image_size, image_size), Image.NEAREST)
+    m = torch.from_numpy(np.asarray(m) > 0).float()[None]  # (H, W) -> (1, H, W)
+    return crop_center(m, center_crop) if center_crop else m
+
+
+def crop_center(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Center crop of the last two dims: (..., H, W) -> (..., size, size)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+class MVTecDataset(torch.utils.data.Dataset):
+    """Samples -> dict(image (3,S,S), mask (1,S,S), label, has_mask, index); `augment` acts on the PIL image."""
+
+    def __init__(self, samples: Sequence[Sample], image_size: int, mean: Sequence[float], std: Sequence[float],
+                 center_crop: int | None = None, augment=None):
+        self.samples, self.image_size, self.mean, self.std = list(samples), image_size, mean, std
+        self.center_crop, self.augment = center_crop, augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        image = read_image(s.path)
+        mask = read_mask(s, image.size)
+        if self.augment is not None:
+            image = self.augment(image)
+        return {"image": image_to_tensor(image, self.image_size, self.mean, self.std, self.center_crop),
+                "mask": mask_to_tensor(mask, self.image_size, self.center_crop),
+                "label": s.label, "has_mask": s.has_mask, "index": i}
+
+
+def make_loader(samples: Sequence[Sample], image_size: int, mean, std, batch_size: int, center_crop=None,
+                augment=None, shuffle: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over samples; shuffling uses its own seeded generator. No worker processes (2-core machines)."""
+    return torch.utils.data.DataLoader(
+        MVTecDataset(samples, image_size, mean, std, center_crop, augment), batch_size=batch_size,
+        shuffle=shuffle, generator=torch.Generator().manual_seed(seed), num_workers=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experiment splits (evaluate.py's protocol). Per category and seed, every test folder is shuffled once and cut into
+# a pool (at most half: the classifier may train on defects from it; its good images are held-out normals for
+# validation and thresholds) and an evaluation part. Every scenario evaluates on the evaluation parts only, so
+# PatchCore, which never sees a defect, is scored once per category and seed and reused across scenarios.
+# ----------------------------------------------------------------------------------------------------------------
+def pool_and_eval(test: Sequence[Sample], seed: int) -> dict[str, tuple[list[Sample], list[Sample]]]:
+    """{defect_type: (pool, eval)}: a seeded shuffle of each test folder, floor(n * POOL_FRACTION) go to the pool."""
+    out = {}
+    for t in sorted({s.defect_type for s in test}):
+        group = [s for s in test if s.defect_type == t]
+        # One generator per (seed, folder name): adding a folder does not reshuffle the others.
+        rng = np.random.default_rng([seed, *t.encode()])
+        group = [group[i] for i in rng.permutation(len(group))]
+        n_pool = int(len(group) * POOL_FRACTION)
+        out[t] = (group[:n_pool], group[n_pool:])
+    return out
+
+
+def make_split(test: Sequence[Sample], category: str, seed: int, scenario: str, k: int | None,
+               held_out: str | None = None) -> dict:
+    """Which test images the classifier may train on and which form the shared evaluation set (relative paths).
+
+    all-types / few-shot: k defect images of every type from its pool (k=None: the whole pool).
+    unseen-type: k of every type except `held_out`; evaluated on good + the held-out type only.
+    """
+    if scenario not in SCENARIOS:
+        raise DataError(f"unknown scenario '{scenario}' (expected one of {', '.join(SCENARIOS)})")
+    parts = pool_and_eval(test, seed)
+    types = [t for t in parts if t != "good"]
+    if scenario == "unseen-type":
+        if len(types) < 2:
+            raise DataError(f"category {category} has {len(types)} defect type; unseen-type needs at least 2")
+        if held_out not in types:
+            raise DataError(f"held-out type '{held_out}' is not a defect type of {category} ({', '.join(types)})")
+    elif held_out is not None:
+        raise DataError(f"--held-out is only used by the unseen-type scenario, not {scenario}")
+    if k is not None and k < 0:
+        raise DataError(f"k must be >= 0, got {k}")
+    train_types = [t for t in types if t != held_out]
+    eval_types = ["good", held_out] if scenario == "unseen-type" else ["good", *types]
+    return {
+        "category": category, "seed": seed, "scenario": scenario, "k": k, "held_out": held_out,
+        "train_defects": [s.rel for t in train_types for s in parts[t][0][:k]],
+        "heldout_good": [s.rel for s in parts["good"][0]] if "good" in parts else [],
+        "eval": [s.rel for t in eval_types if t in parts for s in parts[t][1]],
+    }
+
+
+def apply_split(test: Sequence[Sample], split: dict) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(train defects, held-out good, evaluation samples) of a split, checking every listed path exists."""
+    by_rel = {s.rel: s for s in test}
+    missing = [r for key in ("train_defects", "heldout_good", "eval") for r in split[key] if r not in by_rel]
+    if missing:
+        raise DataError(f"split file lists {len(missing)} images that are not in the test set "
+                        f"(first: {missing[0]}); was it made for another category or data root?")
+    return tuple([by_rel[r] for r in split[key]] for key in ("train_defects", "heldout_good", "eval"))
+
+
+def write_split(split: dict, path: str | Path) -> None:
+    """Write a split as JSON (atomically)."""
+    write_json(path, split)
+
+
+def read_split(path: str | Path) -> dict:
+    """Read a split JSON written by write_split."""
+    try:
+        split = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read split file {path}: {e}") from None
+    for key in ("category", "train_defects", "heldout_good", "eval"):
+        if key not in split:
+            raise DataError(f"split file {path} has no '{key}' entry (write it with `python data.py split`)")
+    return split
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Result files shared by every script: atomic writes, run info, scores.csv, overlays
+# ----------------------------------------------------------------------------------------------------------------
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON through a temp file and a rename, so an interrupted run never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside out_dir; on success it replaces out_dir, on error it is deleted."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def run_info() -> dict:
+    """Versions and git commit, stored in every metrics.json."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"git_commit": commit, "python": sys.version.split()[0], "torch": torch.__version__,
+            "numpy": np.__version__}
+
+
+def write_scores(path: str | Path, samples: Sequence[Sample], scores: Sequence[float]) -> None:
+    """scores.csv: one row per image, path,label,defect_type,score."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "defect_type", "score"])
+        for s, score in zip(samples, scores):
+            w.writerow([s.path, s.label, s.defect_type, f"{float(score):.6g}"])
+
+
+def save_overlay(path: str | Path, image: Image.Image, amap: np.ndarray, mask: np.ndarray, title: str = "") -> None:
+    """PNG of three panels: image | anomaly map over the image | ground truth. amap and mask are (S, S)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    image = image.resize(amap.shape[::-1], Image.BILINEAR)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    axes[0].imshow(image)
+    axes[1].imshow(image)
+    axes[1].imshow(amap, cmap="jet", alpha=0.5)
+    axes[2].imshow(mask, cmap="gray", vmin=0, vmax=1)
+    for ax, name in zip(axes, ("image", "anomaly map", "ground truth")):
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic MVTec-layout data: a periodic texture ("weave") and a centred object ("washer"), each with four
+# visually different defect types painted from the same boolean array that becomes the mask (pixel-exact).
+# Normal images vary in lighting, colour, noise and position so that the task is not trivial.
+# ----------------------------------------------------------------------------------------------------------------
+def synth_weave(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A normal woven texture: (size, size, 3) float in [0, 1]."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = size / 10 * rng.uniform(0.95, 1.05)
+    phase_x, phase_y = rng.uniform(0, 2 * np.pi, 2)
+    warp = np.sin(2 * np.pi * x / period + phase_x) * (np.sin(2 * np.pi * y / (2 * period) + phase_y) > 0)
+    weft = np.sin(2 * np.pi * y / period + phase_y) * (np.sin(2 * np.pi * y / (2 * period) + phase_y) <= 0)
+    gray = 0.5 + 0.18 * (warp + weft)
+    base = np.array([0.62, 0.48, 0.32]) * rng.uniform(0.96, 1.04, 3)  # brown cloth, slight colour drift
+    return gray[..., None] * base * 1.6
+
+
+def synth_washer(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A normal metal washer on a dark background: image (size, size, 3) and its object mask (size, size)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    cy, cx = size / 2 + rng.uniform(-size / 32, size / 32, 2)  # small shifts
+    r = np.hypot(y - cy, x - cx)
+    outer, inner = size * rng.uniform(0.34, 0.36), size * 0.15
+    ring = (r < outer) & (r > inner)
+    shade = 0.55 + 0.25 * (x - cx) / size - 0.15 * (y - cy) / size + 0.08 * np.cos(r / size * 40)  # brushed metal
+    image = np.full((size, size, 3), 0.12) + 0.03 * np.sin(x / size * 6)[..., None]
+    image[ring] = shade[ring, None] * np.array([0.9, 0.92, 1.0])
+    return image, ring
+
+
+def disk(size: int, cy: float, cx: float, radius: float) -> np.ndarray:
+    """Boolean disk (size, size)."""
+    y, x = np.mgrid[0:size, 0:size]
+    return np.hypot(y - cy, x - cx) <= radius
+
+
+def paint_defect(rng: np.random.Generator, image: np.ndarray, kind: str, where: np.ndarray,
+                 background: np.ndarray) -> np.ndarray:
+    """Paint one defect of `kind` centred on a random pixel of `where`; return its mask (size, size) bool."""
+    size = image.shape[0]
+    ys, xs = np.nonzero(where)
+    i = rng.integers(len(ys))
+    cy, cx = ys[i], xs[i]
+    if kind == "scratch":  # a thin bright line
+        angle, length = rng.uniform(0, np.pi), size * rng.uniform(0.25, 0.45)
+        t = np.linspace(-0.5, 0.5, 4 * size)
+        py = np.clip(np.round(cy + t * length * np.sin(angle)), 0, size - 1).astype(int)
+        px = np.clip(np.round(cx + t * length * np.cos(angle)), 0, size - 1).astype(int)
+        mask = np.zeros((size, size), dtype=bool)
+        mask[py, px] = True
+        if size >= 96:  # two pixels wide at larger sizes
+            mask[np.clip(py + 1, 0, size - 1), px] = True
+        image[mask] = 0.95
+    elif kind == "hole":  # a dark round hole
+        mask = disk(size, cy, cx, size * rng.uniform(0.04, 0.07))
+        image[mask] = 0.03
+    elif kind == "stain":  # a translucent blue-green blot of irregular shape
+        mask = disk(size, cy, cx, size * rng.uniform(0.05, 0.08))
+        mask |= disk(size, cy + rng.uniform(-1, 1) * size * 0.05, cx + rng.uniform(-1, 1) * size * 0.05,
+                     size * rng.uniform(0.03, 0.05))
+        image[mask] = 0.4 * image[mask] + 0.6 * np.array([0.15, 0.45, 0.5])
+    elif kind == "missing":  # a piece gone: the region shows the flat `background` colour
+        half = size * rng.uniform(0.06, 0.1)
+        mask = np.zeros((size, size), dtype=bool)
+        mask[max(0, int(cy - half)):int(cy + half), max(0, int(cx - half)):int(cx + half)] = True
+        mask &= where
+        image[mask] = background
+    else:
+        raise ValueError(f"unknown synthetic defect '{kind}'")
+    return mask
+
+
+def synth_image(rng: np.random.Generator, category: str, size: int, defect: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic image (size, size, 3) uint8 and its defect mask (size, size) bool."""
+    if category == "weave":
+        image, where = synth_weave(rng, size), np.ones((size, size), dtype=bool)
+        margin = size // 8  # keep defects away from the border
+        where[:margin], where[-margin:], where[:, :margin], where[:, -margin:] = False, False, False, False
+        background = image.mean(axis=(0, 1))  # a missing piece of cloth looks like flat, pattern-less cloth
+    else:
+        image, where = synth_washer(rng, size)
+        background = np.full(3, 0.12)  # a missing piece of washer shows the dark background
+    mask = paint_defect(rng, image, defect, where, background) if defect else np.zeros((size, size), dtype=bool)
+    image = image * rng.uniform(0.85, 1.15)  # lighting
+    image = image + rng.normal(0, 0.02, image.shape)  # sensor noise
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), mask
+
+
+def generate_synthetic(out: str | Path, size: int = 128, seed: int = 0, n_train: int = 40, n_test_good: int = 12,
+                       n_defect: int = 8, categories: Sequence[str] = ("weave", "washer")) -> Path:
+    """Write a synthetic MVTec-layout tree: <out>/<category>/{train/good, test/*, ground_truth/*}. Same seed, same bytes."""
+    out = Path(out)
+    for ci, category in enumerate(categories):
+        if category not in ("weave", "washer"):
+            raise DataError(f"unknown synthetic category '{category}' (expected weave or washer)")
+        rng = np.random.default_rng([seed, ci])
+        jobs = [("train", "good", None, i) for i in range(n_train)]
+        jobs += [("test", "good", None, i) for i in range(n_test_good)]
+        jobs += [("test", d, d, i) for d in SYNTH_DEFECTS for i in range(n_defect)]
+        for split, folder, defect, i in jobs:
+            image, mask = synth_image(rng, category, size, defect)
+            path = out / category / split / folder / f"{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+            if defect:
+                mask_path = out / category / "ground_truth" / folder / f"{i:03d}_mask.png"
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="write a synthetic MVTec-layout tree",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--out", required=True)
+    s.add_argument("--size", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-train", type=int, default=40)
+    s.add_argument("--n-test-good", type=int, default=12)
+    s.add_argument("--n-defect", type=int, default=8, help="images per defect type")
+    for name, help_ in (("check", "print the folder counts of a category"), ("split", "write a split file")):
+        c = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c.add_argument("--data-root", required=True)
+        c.add_argument("--category", required=True)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--scenario", choices=SCENARIOS, default="all-types")
+    c.add_argument("--k", type=int, default=None, help="defect images per type for the classifier (default: pool)")
+    c.add_argument("--held-out", default=None, help="defect type left out (unseen-type)")
+    c.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.command == "synth":
+            generate_synthetic(args.out, args.size, args.seed, args.n_train, args.n_test_good, args.n_defect)
+            print(f"wrote synthetic categories weave, washer ({args.size} px) to {args.out}")
+            return
+        train, test = load_category(args.data_root, args.category)
+        if args.command == "check":
+            print(f"{'folder':<16}{'images':>8}{'masks':>8}")
+            print(f"{'train/good':<16}{len(train):>8}{'':>8}")
+            for t in sorted({s.defect_type for s in test}):
+                group = [s for s in test if s.defect_type == t]
+                print(f"{'test/' + t:<16}{len(group):>8}{sum(s.mask_path is not None for s in group):>8}")
+        else:
+            split = make_split(test, args.category, args.seed, args.scenario, args.k, args.held_out)
+            write_split(split, args.out)
+            print(f"wrote {args.out}: {len(split['train_defects'])} training defects, {len(split['eval'])} eval images")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
