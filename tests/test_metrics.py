@@ -1,0 +1,218 @@
+"""The metric functions of evaluate.py: hand-computed cases, sklearn cross-checks, and a brute-force AUPRO."""
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+import evaluate
+
+LABELS = [0, 0, 1, 1]
+SCORES = [0.1, 0.4, 0.35, 0.8]
+
+
+def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> float:
+    """Slow textbook AUPRO: threshold at every distinct score, per-region overlap, interpolate, trapezoid."""
+    regions = []  # one (N, H, W) bool array per connected region (4-connectivity, per image)
+    for i, mask in enumerate(masks):
+        lab, n = ndimage.label(mask)
+        for r in range(1, n + 1):
+            region = np.zeros_like(masks)
+            region[i] = lab == r
+            regions.append(region)
+    fpr, pro = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        flagged = maps >= t
+        fpr.append((flagged & ~masks).sum() / (~masks).sum())
+        pro.append(np.mean([(flagged & r).sum() / r.sum() for r in regions]))
+    fpr, pro = np.array(fpr), np.array(pro)
+    cut = int(np.argmax(fpr >= fpr_limit))  # first point at or past the limit
+    x0, x1, y0, y1 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
+    y_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+    x, y = np.append(fpr[:cut], fpr_limit), np.append(pro[:cut], y_limit)
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / fpr_limit)
+
+
+# --- image metrics ------------------------------------------------------------------------------------------------
+def test_image_auroc_by_hand():
+    # Defect/good pairs: (0.35 > 0.1) yes, (0.35 > 0.4) no, (0.8 > 0.1) yes, (0.8 > 0.4) yes -> 3 of 4.
+    assert evaluate.image_auroc(LABELS, SCORES) == pytest.approx(0.75)
+
+
+def test_image_auroc_perfect_inverted_and_ties():
+    assert evaluate.image_auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert evaluate.image_auroc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert evaluate.image_auroc([0, 1], [0.5, 0.5]) == 0.5  # a tie counts half
+
+
+def test_single_class_raises():
+    with pytest.raises(ValueError, match="only one class"):
+        evaluate.image_auroc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="only one class"):
+        evaluate.average_precision([0, 0], [0.1, 0.2])
+
+
+def test_average_precision_by_hand():
+    # Ranked: 0.8 (defect, P=1, R=.5), 0.4 (good), 0.35 (defect, P=2/3, R=1): AP = .5*1 + .5*2/3.
+    assert evaluate.average_precision(LABELS, SCORES) == pytest.approx(0.5 + 1 / 3)
+
+
+def test_f1_max_by_hand():
+    # t=0.1: P=2/4 R=1 F1=.667; t=0.35: P=2/3 R=1 F1=.8; t=0.4: P=1/2 R=1/2 F1=.5; t=0.8: P=1 R=1/2 F1=.667.
+    f1, threshold = evaluate.f1_max(LABELS, SCORES)
+    assert f1 == pytest.approx(0.8)
+    assert threshold == pytest.approx(0.35)
+
+
+@pytest.mark.filterwarnings("error")  # precision = recall = 0 at t=0.9 must not divide by zero
+def test_f1_max_zero_precision_and_recall():
+    f1, threshold = evaluate.f1_max([1, 0], [0.1, 0.9])  # t=0.9: P=0 R=0 -> F1 0; t=0.1: P=1/2 R=1 -> 2/3
+    assert f1 == pytest.approx(2 / 3)
+    assert threshold == pytest.approx(0.1)
+
+
+def test_operating_point_by_hand():
+    at_04 = evaluate.operating_point(LABELS, SCORES, 0.4)  # flagged: 0.4 (good), 0.8 (defect)
+    assert at_04["recall"] == 0.5 and at_04["fpr"] == 0.5
+    at_035 = evaluate.operating_point(LABELS, SCORES, 0.35)  # score >= t: the defect at 0.35 is flagged too
+    assert at_035["recall"] == 1.0 and at_035["fpr"] == 0.5
+
+
+def test_normal_threshold_flags_no_held_out_normal_below_100_images():
+    normal = np.random.default_rng(0).normal(size=50)
+    t = evaluate.normal_threshold(normal)
+    assert t > normal.max() and t == pytest.approx(normal.max())
+    assert evaluate.operating_point([0] * 50 + [1], np.append(normal, normal.max()), t)["fpr"] == 0.0
+
+
+def test_normal_threshold_quantile_bounds_held_out_fpr():
+    normal = np.random.default_rng(1).normal(size=1000)
+    t = evaluate.normal_threshold(normal, quantile=0.99)
+    assert np.mean(normal >= t) <= 0.01
+    assert np.mean(normal >= t) > 0.005  # ... and is not simply the max
+    with pytest.raises(ValueError, match="quantile"):
+        evaluate.normal_threshold(normal, quantile=0.0)
+
+
+# --- pixel metrics ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_pixel_auroc_matches_sklearn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    masks = rng.random((3, 9, 11)) < 0.2
+    maps = np.round(rng.random((3, 9, 11)) + 0.3 * masks, 1).astype(np.float32)  # rounding makes many ties
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert evaluate.pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pixel_auroc_chunks_agree(monkeypatch):
+    rng = np.random.default_rng(7)
+    masks, maps = rng.random((2, 16, 16)) < 0.3, np.round(rng.random((2, 16, 16)), 2)
+    whole = evaluate.pixel_auroc(masks, maps)
+    monkeypatch.setattr(evaluate, "PIXEL_CHUNK", 5)
+    assert evaluate.pixel_auroc(masks, maps) == pytest.approx(whole, abs=1e-12)
+
+
+def two_regions() -> np.ndarray:
+    """One 4x4 mask: region A = 2 px at the top left, region B = the 2x2 block at the bottom right; 10 normal px."""
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, 0, :2] = True
+    mask[0, 2:, 2:] = True
+    return mask
+
+
+def test_aupro_by_hand_partial_region():
+    masks = two_regions()
+    maps = np.full((1, 4, 4), 0.5)  # all 10 normal pixels at 0.5
+    maps[0, 0, :2] = 0.9            # A fully detected before any false positive
+    maps[0, 2, 2:] = 0.8            # half of B too ...
+    maps[0, 3, 2:] = 0.0            # ... the other half only after every normal pixel
+    # Curve (FPR, PRO): (0,0) -> t=.9 (0, 1/2) -> t=.8 (0, 3/4) -> t=.5 (1, 3/4) -> t=0 (1, 1).
+    # Up to FPR 0.3 the PRO is 3/4 throughout: area 0.3 * 0.75, normalised by 0.3 -> 0.75.
+    assert evaluate.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(0.75)
+
+
+def test_aupro_by_hand_tie_segment_crosses_limit():
+    masks = two_regions()
+    maps = np.full((1, 4, 4), 0.1)
+    maps[0, 0, :2] = 0.9                   # A fully detected first
+    maps[0, 2, 2:] = 0.8                   # half of B
+    maps[0, 3, 2:] = 0.5                   # the other half of B tied with 5 of the 10 normal pixels
+    maps[0, 1, :] = maps[0, 2, 0] = 0.5    # those 5 normal pixels
+    # Curve: (0,0) -> (0,1/2) -> (0,3/4) -> t=.5: (0.5, 1) -> t=.1: (1, 1). The tie segment (0,.75)-(.5,1) crosses
+    # FPR 0.3 at PRO .75 + .25 * .3/.5 = .9; area = .3 * (.75 + .9) / 2 = .2475; / .3 -> 0.825.
+    assert evaluate.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(0.825)
+    assert evaluate.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(reference_aupro(masks, maps, 0.3))
+
+
+def test_aupro_perfect_and_inverted():
+    masks = two_regions()
+    assert evaluate.aupro(masks, masks.astype(float)) == pytest.approx(1.0)
+    assert evaluate.aupro(masks, 1.0 - masks) == pytest.approx(0.0, abs=1e-12)  # every normal pixel ranks first
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_aupro_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((3, 12, 12), bool)
+    for i in range(3):  # a few rectangles per image, some touching (one region), some diagonal (two regions)
+        for _ in range(rng.integers(0, 3)):
+            y, x, h, w = rng.integers(0, 10), rng.integers(0, 10), rng.integers(1, 4), rng.integers(1, 4)
+            masks[i, y:y + h, x:x + w] = True
+    masks[0, 0, 0] = masks[0, 1, 1] = True  # diagonal neighbours: two regions with 4-connectivity
+    maps = np.round(rng.random(masks.shape) + 0.5 * masks, 1)  # ties between normal and anomalous pixels
+    for limit in (0.05, 0.3, 1.0):
+        assert evaluate.aupro(masks, maps, limit) == pytest.approx(reference_aupro(masks, maps, limit), abs=1e-12)
+
+
+def test_aupro_weights_regions_not_pixels():
+    # A big region detected, a 1-px region missed: pixel recall is high but PRO is 1/2 (mean over regions).
+    masks = np.zeros((1, 8, 8), bool)
+    masks[0, :4, :4] = True
+    masks[0, 7, 7] = True
+    maps = np.where(masks, 1.0, 0.5)
+    maps[0, 7, 7] = 0.0  # below every normal pixel (a tie with them would give a sloped segment instead)
+    assert evaluate.aupro(masks, maps) == pytest.approx(0.5)
+    assert evaluate.pixel_auroc(masks, maps) > 0.9
+
+
+def test_pixel_metrics_need_both_classes():
+    with pytest.raises(ValueError, match="anomalous"):
+        evaluate.pixel_auroc(np.zeros((2, 4, 4)), np.random.default_rng(0).random((2, 4, 4)))
+    with pytest.raises(ValueError, match="region"):
+        evaluate.aupro(np.zeros((2, 4, 4)), np.random.default_rng(0).random((2, 4, 4)))
+    with pytest.raises(ValueError, match="normal pixel"):
+        evaluate.aupro(np.ones((1, 4, 4)), np.random.default_rng(0).random((1, 4, 4)))
+
+
+# --- the metrics.json dict ----------------------------------------------------------------------------------------
+def test_compute_metrics_skips_images_without_mask():
+    rng = np.random.default_rng(0)
+    labels, scores = [0, 0, 1, 1], [0.1, 0.2, 0.9, 0.8]
+    masks = np.zeros((4, 8, 8), bool)
+    masks[2, 2:5, 2:5] = True                      # image 2: a defect with its mask
+    maps = rng.random((4, 8, 8)) * 0.5
+    maps[2][masks[2]] += 0.5
+    maps[3] += 0.6                                 # image 3: a defect whose mask file is missing (placeholder zeros)
+    has_mask = [True, True, True, False]
+    m = evaluate.compute_metrics(labels, scores, masks, maps, has_mask)
+    assert m["pixel_auroc"] == pytest.approx(evaluate.pixel_auroc(masks[:3], maps[:3]))
+    assert m["aupro"] == pytest.approx(evaluate.aupro(masks[:3], maps[:3]))
+    assert m["pixel_auroc"] == 1.0  # counting image 3's pixels as normal would have lowered it
+    assert evaluate.pixel_auroc(masks, maps) < 0.9
+    assert (m["n_images"], m["n_defects"], m["n_pixel_images"]) == (4, 2, 3)
+    assert m["image_auroc"] == 1.0 and m["f1_max"] == 1.0 and m["f1_threshold"] == pytest.approx(0.8)
+
+
+def test_compute_metrics_without_masks_is_json_ready():
+    m = evaluate.compute_metrics(LABELS, SCORES)
+    assert m["pixel_auroc"] is None and m["aupro"] is None
+    assert m["image_auroc"] == pytest.approx(0.75)
+    assert all(type(v) in (float, int) for k, v in m.items() if v is not None)
+    assert json.loads(json.dumps(m)) == m
+
+
+def test_compute_metrics_no_anomalous_pixel_gives_none():
+    masks, maps = np.zeros((4, 4, 4), bool), np.random.default_rng(0).random((4, 4, 4))
+    m = evaluate.compute_metrics(LABELS, SCORES, masks, maps, has_mask=[True, True, False, False])
+    assert m["pixel_auroc"] is None and m["aupro"] is None and m["n_pixel_images"] == 2
