@@ -1,0 +1,383 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022), step by step.
+
+Fit on normal images only: mid-level patch features of a pretrained CNN -> greedy coreset memory bank. Score a test
+image by the distance of each of its patches to the nearest patch in the bank (FAISS); the image score is the largest.
+
+    python data.py synth --out /tmp/s --size 128
+    python patchcore.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128
+    python patchcore.py --data-root ~/mvtec --category bottle        # the paper's WideResNet-50, 512 px
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
+
+import backbones
+import data
+from evaluate import compute_metrics, normal_threshold, operating_point
+
+SIGMA = 4  # Gaussian blur of the upsampled anomaly map, in pixels (paper, Sec. 3.3 / official code)
+PROJECTION_DIM = 128  # coreset distances are computed on a random projection to this many dimensions
+N_STARTS = 10  # the approximate greedy coreset starts from the mean distance to this many random points
+
+
+@dataclass
+class Settings:
+    """Everything needed to rebuild the feature pipeline of a fitted memory bank."""
+    backbone: str
+    weights: str
+    layers: tuple[str, ...]
+    image_size: int
+    center_crop: int | None
+    patch_size: int
+    pretrain_dim: int
+    target_dim: int
+    coreset_ratio: float
+    reweight: bool
+    reweight_k: int
+    seed: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Locally aware patch features (Sec. 3.1)
+# ----------------------------------------------------------------------------------------------------------------
+def patchify(feature: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The p x p neighbourhood of every position: (B, C, h, w) -> (B, h, w, C, p, p), zero-padded at the border."""
+    b, c, h, w = feature.shape
+    x = F.unfold(feature, patch_size, padding=(patch_size - 1) // 2)  # (B, C*p*p, h*w)
+    x = x.view(b, c, patch_size, patch_size, h, w)  # (B, C, p, p, h, w)
+    return x.permute(0, 4, 5, 1, 2, 3)  # (B, h, w, C, p, p)
+
+
+def resize_patches(patches: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bring a deeper layer's patches to the first layer's grid, bilinearly: (B, h, w, C, p, p) -> (B, H, W, C, p, p)."""
+    b, h, w, c, p, _ = patches.shape
+    x = patches.permute(0, 3, 4, 5, 1, 2).reshape(b, c * p * p, h, w)  # (B, C*p*p, h, w)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, C*p*p, H, W)
+    return x.view(b, c, p, p, *size).permute(0, 4, 5, 1, 2, 3)  # (B, H, W, C, p, p)
+
+
+def pool_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Adaptive average pooling along the feature axis: (N, D_in) -> (N, dim). This is the paper's aggregation."""
+    return F.adaptive_avg_pool1d(x[:, None], dim)[:, 0]  # (N, 1, D_in) -> (N, 1, dim) -> (N, dim)
+
+
+def embed(extractor: backbones.FeatureExtractor, images: torch.Tensor, s: Settings) -> tuple[torch.Tensor, tuple]:
+    """Patch features of a batch: (B, 3, S, S) -> (B, H*W, target_dim) on the first layer's (H, W) grid."""
+    with torch.no_grad():
+        layers = extractor(images)  # [(B, C_l, h_l, w_l)], strides 8 and 16
+        grid = tuple(layers[0].shape[-2:])
+        per_layer = []
+        for feature in layers:
+            patches = patchify(feature, s.patch_size)  # (B, h_l, w_l, C_l, p, p)
+            if tuple(patches.shape[1:3]) != grid:
+                patches = resize_patches(patches, grid)  # (B, H, W, C_l, p, p)
+            flat = patches.reshape(-1, patches[0, 0, 0].numel())  # (B*H*W, C_l*p*p)
+            per_layer.append(pool_dim(flat, s.pretrain_dim))  # (B*H*W, pretrain_dim)
+        stacked = torch.stack(per_layer, dim=1).flatten(1)  # (B*H*W, L*pretrain_dim)
+        features = pool_dim(stacked, s.target_dim)  # (B*H*W, target_dim)
+    return features.view(images.shape[0], -1, s.target_dim), grid  # (B, H*W, target_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Coreset-reduced memory bank (Sec. 3.2, Algorithm 1)
+# ----------------------------------------------------------------------------------------------------------------
+def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
+    """A seeded Gaussian random projection (Johnson-Lindenstrauss): (dim_in, dim_out)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim_in, dim_out, generator=g) / dim_out ** 0.5
+
+
+def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_STARTS) -> torch.Tensor:
+    """Approximate greedy k-center selection: indices of ratio*N rows of z (N, d), each the farthest from those chosen.
+
+    Never builds the N x N distance matrix: it keeps, for every point, its distance to the nearest chosen point
+    (N,), started as the mean distance to `n_starts` random points (official code's approximation), and updates it
+    with one (N,) distance vector per chosen point.
+    """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+    n = len(z)
+    if ratio == 1:
+        return torch.arange(n)
+    n_select = max(1, int(n * ratio))
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(n, generator=g)[:n_starts].to(z.device)
+    sq_norms = (z * z).sum(1)  # (N,)
+    min_dist = torch.cdist(z, z[starts]).mean(1)  # (N, n_starts) -> (N,)
+    chosen = torch.empty(n_select, dtype=torch.long)
+    for i in tqdm(range(n_select), desc="coreset", disable=None, leave=False):
+        j = torch.argmax(min_dist)
+        chosen[i] = j
+        dist = (sq_norms - 2 * z @ z[j] + sq_norms[j]).clamp_min(0).sqrt()  # (N,) distances to the new point
+        min_dist = torch.minimum(min_dist, dist)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Nearest-neighbour search: a tiny wrapper around a FAISS exact L2 index
+# ----------------------------------------------------------------------------------------------------------------
+class NearestNeighbours:
+    """Exact L2 search over a memory bank (M, D); on the GPU when FAISS sees one and the device is CUDA."""
+
+    def __init__(self, bank: np.ndarray, device: torch.device):
+        self.index = faiss.IndexFlatL2(bank.shape[1])
+        self.index.add(np.ascontiguousarray(bank, dtype=np.float32))
+        self.to(device)
+
+    def to(self, device: torch.device) -> "NearestNeighbours":
+        """Move the index to the GPU if asked and possible (faiss-gpu with a visible GPU); it stays on CPU otherwise."""
+        if device.type == "cuda" and faiss.get_num_gpus() > 0:
+            self.resources = faiss.StandardGpuResources()  # kept alive as long as the GPU index
+            self.index = faiss.index_cpu_to_gpu(self.resources, device.index or 0, self.index)
+        return self
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, indices) of the k nearest bank rows: (Q, D) -> (Q, k), (Q, k). True L2, not squared."""
+        if k > len(self):
+            raise ValueError(f"k={k} is larger than the memory bank ({len(self)} patches)")
+        sq, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return np.sqrt(np.maximum(sq, 0)), idx
+
+    def vectors(self, idx: np.ndarray) -> np.ndarray:
+        """Bank rows by index: (...,) -> (..., D)."""
+        cpu = faiss.index_gpu_to_cpu(self.index) if hasattr(self, "resources") else self.index
+        return np.stack([cpu.reconstruct(int(i)) for i in idx.ravel()]).reshape(*idx.shape, -1)
+
+    def save(self, path: Path) -> None:
+        cpu = faiss.index_gpu_to_cpu(self.index) if hasattr(self, "resources") else self.index
+        faiss.write_index(cpu, str(path))
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> "NearestNeighbours":
+        nn = cls.__new__(cls)
+        nn.index = faiss.read_index(str(path))
+        return nn.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The fitted model: settings + memory bank; scoring (Sec. 3.3)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class MemoryBank:
+    """Fitted PatchCore: the settings of its feature pipeline and the nearest-neighbour index of its bank."""
+    settings: Settings
+    nn: NearestNeighbours
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.nn.save(folder / "index.faiss")
+        data.write_json(folder / "settings.json", asdict(self.settings))
+
+    @classmethod
+    def load(cls, folder: str | Path, device: torch.device) -> "MemoryBank":
+        folder = Path(folder)
+        if (folder / "memory_bank").is_dir():  # a run's out dir was given
+            folder = folder / "memory_bank"
+        if not (folder / "index.faiss").is_file() or not (folder / "settings.json").is_file():
+            raise data.DataError(f"no memory bank in {folder} (expected index.faiss and settings.json)")
+        raw = json.loads((folder / "settings.json").read_text())
+        return cls(Settings(**{**raw, "layers": tuple(raw["layers"])}), NearestNeighbours.load(folder / "index.faiss", device))
+
+
+def extract_features(train: Sequence[data.Sample], s: Settings, device: torch.device,
+                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch features of every training image (N, D) float16 on CPU, and their random projection (N, 128) on device."""
+    extractor = backbones.feature_extractor(s.backbone, s.weights, s.layers).to(device)
+    loader = data.make_loader(train, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop)
+    projection = random_projection(s.target_dim, PROJECTION_DIM, s.seed).to(device)
+    # Memory: a 400-image category at 512 px gives ~1.6M patches x 1024 dims. Kept as float32 that is 6.7 GB; we
+    # keep float16 on the CPU (3.4 GB; the rounding, ~1e-3 relative, is far below patch-to-patch distances) and
+    # project each batch to 128 dims on the fly for the coreset (0.8 GB), so fitting stays well under 12 GB.
+    features, projected = [], []
+    for batch in tqdm(loader, desc="features", disable=None, leave=False):
+        f, _ = embed(extractor, batch["image"].to(device), s)  # (B, H*W, D)
+        f = f.flatten(0, 1)  # (B*H*W, D)
+        features.append(f.to("cpu", torch.float16))
+        projected.append(f @ projection)  # (B*H*W, 128)
+    return torch.cat(features), torch.cat(projected)
+
+
+def fit(train: Sequence[data.Sample], s: Settings, device: torch.device, batch_size: int) -> MemoryBank:
+    """Extract the patch features of every training image and keep a greedy coreset of them as the memory bank."""
+    features, z = extract_features(train, s, device, batch_size)  # (N, D), (N, 128)
+    idx = greedy_coreset(z, s.coreset_ratio, s.seed)  # (M,)
+    return MemoryBank(s, NearestNeighbours(features[idx.cpu()].float().numpy(), device))
+
+
+def reweight(nn: NearestNeighbours, query: np.ndarray, dist: float, idx: int, k: int) -> float:
+    """Eq. 7: s = (1 - exp||m_test - m*|| / sum_{m in N_b(m*)} exp||m_test - m||) * s*, for the image's worst patch.
+
+    m* is the bank neighbour of the worst test patch m_test; N_b(m*) are the k bank patches nearest to m*. A test patch
+    whose neighbour m* lies in a sparse region of the bank (far from its own neighbours) keeps more of its score.
+    """
+    m_star = nn.vectors(np.array([idx]))  # (1, D)
+    _, support = nn.search(m_star, k)  # (1, k): N_b(m*), m* itself included
+    d = np.linalg.norm(nn.vectors(support[0]) - query[None], axis=1)  # (k,) distances from m_test to N_b(m*)
+    weights = np.exp(np.concatenate([[dist], d]) - max(dist, d.max()))  # softmax, shifted for stability
+    return float((1 - weights[0] / weights[1:].sum()) * dist)
+
+
+def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device, batch_size: int,
+          desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
+    """Image scores (N,) and anomaly maps (N, S, S) of samples. Every image is scored on its own: batch-independent."""
+    s = bank.settings
+    extractor = backbones.feature_extractor(s.backbone, s.weights, s.layers).to(device)
+    loader = data.make_loader(samples, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop)
+    scores, maps = [], []
+    for batch in tqdm(loader, desc=desc, disable=None, leave=False):
+        images = batch["image"].to(device)
+        f, grid = embed(extractor, images, s)  # (B, H*W, D)
+        f = f.cpu().numpy()
+        dist, idx = bank.nn.search(f.reshape(-1, s.target_dim), 1)  # (B*H*W, 1)
+        dist, idx = dist.reshape(len(f), -1), idx.reshape(len(f), -1)  # (B, H*W)
+        worst = dist.argmax(1)  # the image score is the largest patch score (s* of Eq. 6)
+        for b, j in enumerate(worst):
+            scores.append(reweight(bank.nn, f[b, j], dist[b, j], idx[b, j], s.reweight_k) if s.reweight
+                          else float(dist[b, j]))
+        patch_map = torch.from_numpy(dist).view(-1, 1, *grid)  # (B, 1, H, W)
+        up = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, S, S)
+        maps += [gaussian_filter(m, sigma=SIGMA) for m in up[:, 0].numpy()]
+    return np.array(scores, dtype=np.float64), np.stack(maps).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def masks_of(samples: Sequence[data.Sample], image_size: int, center_crop: int | None) -> np.ndarray:
+    """Ground-truth masks at the model's resolution: (N, S, S) bool (all zero for good images and missing masks)."""
+    out = []
+    for s in samples:
+        size = data.read_image(s.path).size
+        out.append(data.mask_to_tensor(data.read_mask(s, size), image_size, center_crop)[0].numpy() > 0)
+    return np.stack(out)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Fit (or --load) a memory bank, score the test or evaluation images, write the result files; return metrics."""
+    torch.manual_seed(args.seed)
+    device = backbones.pick_device(args.device)
+    train, test = data.load_category(args.data_root, args.category)
+    heldout_good = []
+    if args.split:  # the shared evaluation set of evaluate.py's protocol (PatchCore never uses the defects)
+        split = data.read_split(args.split)
+        if split["category"] != args.category:
+            raise data.DataError(f"split file {args.split} is for category '{split['category']}', not '{args.category}'")
+        _, heldout_good, test = data.apply_split(test, split)
+    out_dir = Path(args.out_dir or f"runs/patchcore/{args.category}")
+
+    with data.atomic_dir(out_dir) as tmp:
+        # Fit: features of train/good -> coreset memory bank (or reuse a saved one)
+        t0 = time.perf_counter()
+        if args.load:
+            bank = MemoryBank.load(args.load, device)
+            print(f"loaded memory bank of {len(bank.nn)} patches from {args.load} (its settings override the flags)")
+        else:
+            settings = Settings(args.backbone, args.weights, tuple(args.layers or ()) or _default_layers(args.backbone),
+                                args.image_size, args.center_crop, args.patch_size, args.pretrain_dim,
+                                args.target_dim, args.coreset_ratio, args.reweight, args.reweight_k, args.seed)
+            bank = fit(train, settings, device, args.batch_size)
+        fit_seconds = time.perf_counter() - t0
+        print(f"fit: {len(bank.nn)} patches in the memory bank, {fit_seconds:.1f} s")
+
+        # Score: every test (or evaluation) image, then the metrics shared with classify.py
+        t0 = time.perf_counter()
+        scores, maps = score(bank, test, device, args.batch_size)
+        ms_per_image = 1000 * (time.perf_counter() - t0) / len(test)
+        s = bank.settings
+        masks = masks_of(test, s.image_size, s.center_crop)
+        labels = np.array([x.label for x in test])
+        metrics = compute_metrics(labels, scores, masks, maps, np.array([x.has_mask for x in test]))
+        # A deployable threshold needs normal images that are neither in the bank nor evaluated: the split's pool.
+        threshold = None
+        if heldout_good:
+            threshold = normal_threshold(score(bank, heldout_good, device, args.batch_size, "held-out good")[0])
+            op = operating_point(labels, scores, threshold)
+            metrics.update(recall_at_threshold=op["recall"], fpr_at_threshold=op["fpr"])
+        metrics.update(threshold=threshold, fit_seconds=fit_seconds, ms_per_image=ms_per_image,
+                       peak_rss_mb=peak_rss_mb(), memory_bank_size=len(bank.nn), settings=asdict(s),
+                       args=vars(args), run_info=data.run_info())
+
+        # Write: scores.csv, metrics.json, the memory bank, optional overlays
+        data.write_scores(tmp / "scores.csv", test, scores)
+        data.write_json(tmp / "metrics.json", metrics)
+        bank.save(tmp / "memory_bank")
+        for rank, i in enumerate(np.argsort(-scores)[:args.save_maps]):
+            (tmp / "maps").mkdir(exist_ok=True)
+            data.save_overlay(tmp / "maps" / f"{rank:02d}_{test[i].defect_type}_{Path(test[i].path).stem}.png",
+                              data.read_image(test[i].path), maps[i], masks[i], f"{test[i].rel}  score {scores[i]:.3f}")
+    print_table(metrics, out_dir)
+    return metrics
+
+
+def _default_layers(name: str) -> tuple[str, ...]:
+    """The backbone's stride-8 and stride-16 layers (WRN50: layer2, layer3)."""
+    return backbones.LITE0_LAYERS if name == "efficientnet_lite0" else backbones.TORCHVISION[name][2]
+
+
+def print_table(metrics: dict, out_dir: Path) -> None:
+    """The final aligned table, with the same numbers as metrics.json."""
+    print(f"\n{'metric':<22}{'value':>12}")
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
+                "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size"):
+        value = metrics.get(key)
+        print(f"{key:<22}{'n/a' if value is None else f'{value:.4g}':>12}")
+    print(f"results in {out_dir}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", required=True, help="folder holding <category>/train/good, test/, ground_truth/")
+    p.add_argument("--category", required=True)
+    p.add_argument("--backbone", choices=backbones.BACKBONES, default="wide_resnet50_2")
+    p.add_argument("--weights", default="imagenet", help="imagenet, none (random init) or a state-dict file")
+    p.add_argument("--layers", nargs="+", default=None, help="feature layers (default: the stride-8 and -16 blocks)")
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--center-crop", type=int, default=None, help="e.g. 224 with --image-size 256, as in the paper")
+    p.add_argument("--patch-size", type=int, default=3, help="neighbourhood aggregated around each patch")
+    p.add_argument("--pretrain-dim", type=int, default=1024, help="per-layer feature dimension after pooling")
+    p.add_argument("--target-dim", type=int, default=1024, help="final patch feature dimension")
+    p.add_argument("--coreset-ratio", type=float, default=0.1, help="fraction of patches kept in the memory bank")
+    p.add_argument("--reweight", action="store_true", help="Eq. 7 image-score reweighting (off, as the official code)")
+    p.add_argument("--reweight-k", type=int, default=9, help="size of the neighbourhood N_b(m*) in Eq. 7")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--split", default=None, help="split JSON from data.py: score only its evaluation images")
+    p.add_argument("--load", default=None, help="memory_bank folder (or run folder) to reuse instead of fitting")
+    p.add_argument("--save-maps", type=int, default=0, help="save overlays of the N highest-scoring images")
+    p.add_argument("--out-dir", default=None, help="default: runs/patchcore/<category>")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        if not 0 < args.coreset_ratio <= 1:
+            raise data.DataError(f"--coreset-ratio must be in (0, 1], got {args.coreset_ratio}")
+        return run(args)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

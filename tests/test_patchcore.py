@@ -1,0 +1,174 @@
+"""PatchCore: coreset, nearest-neighbour wrapper, scoring properties, determinism, files, bad input."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import backbones
+import data
+import patchcore
+
+CPU = torch.device("cpu")
+
+
+def settings(size=64, ratio=0.1, backbone="efficientnet_lite0", weights="imagenet", seed=0, reweight=False):
+    return patchcore.Settings(backbone, weights, patchcore._default_layers(backbone), size, None, 3, 1024, 1024,
+                              ratio, reweight, 9, seed)
+
+
+# ---- coreset -------------------------------------------------------------------------------------------------
+def test_coreset_picks_the_farthest_point_first():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 8, generator=g) * 0.1
+    z[37] += 50  # one point far from everything else
+    assert patchcore.greedy_coreset(z, 0.01, seed=0)[0] == 37
+
+
+def test_coreset_covers_every_cluster():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0], [10, 0], [0, 10], [10, 10]])
+    z = (centres[:, None] + 0.1 * torch.randn(4, 25, 2, generator=g)).reshape(100, 2)  # 4 tight clusters
+    chosen = patchcore.greedy_coreset(z, 0.04, seed=0)  # 4 points
+    assert sorted((chosen // 25).tolist()) == [0, 1, 2, 3]
+
+
+def test_coreset_ratio_one_keeps_all_and_bad_ratios_raise():
+    z = torch.randn(30, 4)
+    assert patchcore.greedy_coreset(z, 1.0, seed=0).tolist() == list(range(30))
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="coreset ratio must be in"):
+            patchcore.greedy_coreset(z, bad, seed=0)
+
+
+def test_coreset_is_seeded():
+    z = torch.randn(500, 16, generator=torch.Generator().manual_seed(2))
+    a, b = patchcore.greedy_coreset(z, 0.05, seed=3), patchcore.greedy_coreset(z, 0.05, seed=3)
+    assert torch.equal(a, b) and len(a) == 25 and len(set(a.tolist())) == 25
+
+
+# ---- nearest-neighbour wrapper -------------------------------------------------------------------------------
+def test_nearest_neighbours_true_l2_save_load(tmp_path):
+    nn = patchcore.NearestNeighbours(np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]]), CPU)
+    dist, idx = nn.search(np.array([[0.0, 0.0], [3.6, 4.8]]), 2)
+    np.testing.assert_allclose(dist, [[0, 5], [1, 4]], atol=1e-5)  # not squared
+    assert idx.tolist() == [[0, 1], [1, 2]]
+    np.testing.assert_allclose(nn.vectors(np.array([2])), [[6, 8]])
+    nn.save(tmp_path / "index.faiss")
+    again = patchcore.NearestNeighbours.load(tmp_path / "index.faiss", CPU)
+    assert np.array_equal(again.search(np.array([[1.0, 1.0]]), 3)[0], nn.search(np.array([[1.0, 1.0]]), 3)[0])
+    with pytest.raises(ValueError, match="larger than the memory bank"):
+        nn.search(np.zeros((1, 2)), 4)
+
+
+def test_reweight_eq7_by_hand():
+    bank = np.array([[0.0], [1.0], [2.0], [10.0]])
+    nn = patchcore.NearestNeighbours(bank, CPU)
+    # test patch at 0.5: m* = 0 (dist 0.5); N_b(m*) with b=2 is {0, 1}: distances 0.5, 0.5 -> weight 1/2
+    assert patchcore.reweight(nn, np.array([0.5]), 0.5, 0, 2) == pytest.approx(0.25)
+    # test patch at 12: m* = 10 (dist 2); N_2(10) = {10, 2}: distances 2 and 10 -> weight e^2 / (e^2 + e^10)
+    w = np.exp(2) / (np.exp(2) + np.exp(10))
+    assert patchcore.reweight(nn, np.array([12.0]), 2.0, 3, 2) == pytest.approx((1 - w) * 2)
+
+
+# ---- features ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone,weights", [("efficientnet_lite0", "imagenet"), ("wide_resnet50_2", "none")])
+def test_embed_shape_is_stride_8_grid(backbone, weights):
+    s = settings(backbone=backbone, weights=weights)
+    extractor = backbones.feature_extractor(backbone, weights, s.layers)
+    f, grid = patchcore.embed(extractor, torch.randn(2, 3, 64, 64), s)
+    assert grid == (8, 8) and f.shape == (2, 64, 1024)
+
+
+# ---- scoring properties --------------------------------------------------------------------------------------
+def test_training_image_scores_zero_against_its_own_patches(synth_root):
+    train, _ = data.load_category(synth_root, "weave")
+    bank = patchcore.fit(train[:1], settings(ratio=1.0), CPU, 4)
+    scores, maps = patchcore.score(bank, train[:2], CPU, 4)
+    assert len(bank.nn) == 64  # 8 x 8 patches of one 64 px image, all kept
+    assert scores[0] < 0.01 * scores[1]  # itself: ~0 (float16 storage); another normal image: clearly not
+    assert maps.shape == (2, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def fitted_128(synth_root_128):
+    """Lite0 memory banks of both synthetic categories at 128 px, and their test scores."""
+    out = {}
+    for category in ("weave", "washer"):
+        train, test = data.load_category(synth_root_128, category)
+        bank = patchcore.fit(train, settings(size=128), CPU, 8)
+        out[category] = (bank, test, *patchcore.score(bank, test, CPU, 8))
+    return out
+
+
+@pytest.mark.parametrize("category", ["weave", "washer"])
+def test_defects_score_higher_and_maps_peak_in_the_mask(fitted_128, category):
+    from evaluate import image_auroc
+    from scipy.ndimage import binary_dilation
+    _, test, scores, maps = fitted_128[category]
+    labels = np.array([s.label for s in test])
+    assert image_auroc(labels, scores) >= 0.9
+    masks = patchcore.masks_of(test, 128, None)
+    hits = []
+    for i in np.flatnonzero(labels):
+        peak = np.unravel_index(maps[i].argmax(), maps[i].shape)
+        hits.append(binary_dilation(masks[i], iterations=4)[peak])  # within 4 px of the defect
+    assert np.mean(hits) >= 0.9
+
+
+def test_batch_size_seed_and_save_load_give_identical_scores(fitted_128, synth_root_128, tmp_path):
+    bank, test, scores, maps = fitted_128["weave"]
+    one, maps_one = patchcore.score(bank, test, CPU, 1)
+    assert np.array_equal(one, scores) and np.array_equal(maps_one, maps)
+    train, _ = data.load_category(synth_root_128, "weave")
+    refit = patchcore.fit(train, settings(size=128), CPU, 8)
+    assert np.array_equal(patchcore.score(refit, test, CPU, 8)[0], scores)
+    bank.save(tmp_path / "bank")
+    loaded = patchcore.MemoryBank.load(tmp_path / "bank", CPU)
+    assert loaded.settings == bank.settings
+    assert np.array_equal(patchcore.score(loaded, test, CPU, 8)[0], scores)
+
+
+# ---- the script: files, split, --load, bad input ---------------------------------------------------------------
+def test_main_writes_results_and_load_reuses_the_bank(synth_root, tmp_path):
+    _, test = data.load_category(synth_root, "washer")
+    split = data.make_split(test, "washer", 0, "all-types", None)
+    data.write_split(split, tmp_path / "split.json")
+    out = tmp_path / "run"
+    args = ["--data-root", str(synth_root), "--category", "washer", "--backbone", "efficientnet_lite0",
+            "--image-size", "64", "--split", str(tmp_path / "split.json"), "--out-dir", str(out)]
+    m = patchcore.main(args + ["--save-maps", "3"])
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [str(synth_root / "washer" / r) for r in split["eval"]]
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fit_seconds", "ms_per_image", "peak_rss_mb",
+                "memory_bank_size", "args", "threshold", "recall_at_threshold"):
+        assert key in saved
+    assert saved["image_auroc"] == m["image_auroc"] and saved["threshold"] is not None
+    assert len(list((out / "maps").glob("*.png"))) == 3
+    assert (out / "memory_bank" / "index.faiss").is_file()
+    again = patchcore.main(args[:-2] + ["--out-dir", str(tmp_path / "again"), "--load", str(out)])
+    with open(tmp_path / "again" / "scores.csv") as f:
+        assert [r["score"] for r in csv.DictReader(f)] == [r["score"] for r in rows]
+    assert again["image_auroc"] == m["image_auroc"]
+
+
+def test_bad_inputs_exit_with_one_sentence_and_no_out_dir(synth_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--out-dir", str(out)]
+    with pytest.raises(SystemExit, match="does not exist"):
+        patchcore.main(["--data-root", str(tmp_path / "nope"), "--category", "weave"] + base)
+    with pytest.raises(SystemExit, match="categories found: washer, weave"):
+        patchcore.main(["--data-root", str(synth_root), "--category", "wave"] + base)
+    with pytest.raises(SystemExit, match="coreset-ratio must be in"):
+        patchcore.main(["--data-root", str(synth_root), "--category", "weave", "--coreset-ratio", "0"] + base)
+    broken = tmp_path / "broken"
+    shutil.copytree(synth_root / "weave", broken / "weave")
+    bad = broken / "weave" / "test" / "hole" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit, match="cannot read image .*001.png"):
+        patchcore.main(["--data-root", str(broken), "--category", "weave"] + base)
+    assert not out.exists() and list(tmp_path.glob(".out*")) == []  # no partial results, no temp folder left
