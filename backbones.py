@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data
 from data import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -96,28 +97,18 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = nn.BatchNorm2d(1280, **BN)
         self._dropout = nn.Dropout(0.2)
         self._fc = nn.Linear(1280, num_classes)
+        self.cam_stage = nn.Identity()  # the head's output passes through it, so a hook (Grad-CAM) sees it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))  # (B, 3, H, W) -> (B, 32, H/2, W/2)
         for block in self._blocks:
             x = block(x)  # ... -> (B, 320, H/32, W/32)
-        x = self.head(x)  # -> (B, 1280, H/32, W/32)
+        x = self.cam_stage(self.head(x))  # -> (B, 1280, H/32, W/32)
         return self._fc(self._dropout(x.mean(dim=(2, 3))))  # -> (B, num_classes)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The last conv stage (Grad-CAM's layer)."""
         return F.relu6(self._bn1(self._conv_head(x)))
-
-
-class _HeadStage(nn.Module):
-    """Wraps Lite0's head so that a forward hook can see its output (the Grad-CAM layer)."""
-
-    def __init__(self, model: EfficientNetLite0):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.head(x)
 
 
 def lite0_weights_path() -> str:
@@ -227,8 +218,6 @@ def classifier(name: str, weights: str = "imagenet", num_classes: int = 2) -> tu
     model = build_model(name, weights)
     if name == "efficientnet_lite0":
         model._fc = nn.Linear(model._fc.in_features, num_classes)
-        model.cam_stage = _HeadStage(model)  # registered so .to(device) and hooks see it
-        model.head = model.cam_stage  # forward() now calls head through the hookable module
         return model, model.cam_stage
     if name in ("wide_resnet50_2", "resnet18", "resnet50"):
         model.fc = nn.Linear(model.fc.in_features, num_classes)
@@ -252,7 +241,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0")
     p.add_argument("--weights", default="imagenet", help="imagenet, none (random init) or a state-dict file")
     p.add_argument("--image-size", type=int, default=512)

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,10 @@ SYNTH_DEFECTS = ("scratch", "hole", "stain", "missing")
 
 class DataError(ValueError):
     """Bad input: the message is one sentence that names the path and what was expected."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every script's --help: the module docstring with its line breaks (the commands to copy), and each default."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,6 +310,11 @@ def run_info() -> dict:
             "numpy": np.__version__}
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def write_scores(path: str | Path, samples: Sequence[Sample], scores: Sequence[float]) -> None:
     """scores.csv: one row per image, path,label,defect_type,score."""
     with open(path, "w", newline="") as f:
@@ -447,10 +457,10 @@ def generate_synthetic(out: str | Path, size: int = 128, seed: int = 0, n_train:
 
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="write a synthetic MVTec-layout tree",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     s.add_argument("--out", required=True)
     s.add_argument("--size", type=int, default=128)
     s.add_argument("--seed", type=int, default=0)
@@ -458,7 +468,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--n-test-good", type=int, default=12)
     s.add_argument("--n-defect", type=int, default=8, help="images per defect type")
     for name, help_ in (("check", "print the folder counts of a category"), ("split", "write a split file")):
-        c = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c = sub.add_parser(name, help=help_, formatter_class=HelpFormatter)
         c.add_argument("--data-root", required=True)
         c.add_argument("--category", required=True)
     c.add_argument("--seed", type=int, default=0)

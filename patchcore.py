@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -267,11 +266,6 @@ def masks_of(samples: Sequence[data.Sample], image_size: int, center_crop: int |
     return np.stack(out)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run(args: argparse.Namespace) -> dict:
     """Fit (or --load) a memory bank, score the test or evaluation images, write the result files; return metrics."""
     torch.manual_seed(args.seed)
@@ -314,7 +308,8 @@ def run(args: argparse.Namespace) -> dict:
             op = operating_point(labels, scores, threshold)
             metrics.update(recall_at_threshold=op["recall"], fpr_at_threshold=op["fpr"])
         metrics.update(threshold=threshold, fit_seconds=fit_seconds, ms_per_image=ms_per_image,
-                       peak_rss_mb=peak_rss_mb(), memory_bank_size=len(bank.nn), settings=asdict(s),
+                       params_millions=backbones.count_params(extractor_of(s)) / 1e6,
+                       peak_rss_mb=data.peak_rss_mb(), memory_bank_size=len(bank.nn), settings=asdict(s),
                        args=vars(args), run_info=data.run_info())
 
         # Write: scores.csv, metrics.json, the memory bank, optional overlays
@@ -327,6 +322,17 @@ def run(args: argparse.Namespace) -> dict:
                               data.read_image(test[i].path), maps[i], masks[i], f"{test[i].rel}  score {scores[i]:.3f}")
     print_table(metrics, out_dir)
     return metrics
+
+
+def extractor_of(s: Settings) -> torch.nn.Module:
+    """The part of the backbone that runs (stem up to the deepest feature layer), for the parameter count."""
+    extractor = backbones.feature_extractor(s.backbone, "none", s.layers)
+    ran = set()
+    for module in extractor.model.modules():
+        if not list(module.children()):
+            module.register_forward_hook(lambda m, i, o: ran.add(m))
+    extractor(torch.zeros(1, 3, 64, 64))
+    return torch.nn.ModuleList(ran)
 
 
 def _default_layers(name: str) -> tuple[str, ...]:
@@ -345,7 +351,7 @@ def print_table(metrics: dict, out_dir: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("--data-root", required=True, help="folder holding <category>/train/good, test/, ground_truth/")
     p.add_argument("--category", required=True)
     p.add_argument("--backbone", choices=backbones.BACKBONES, default="wide_resnet50_2")

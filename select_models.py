@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import data
+
 TASKS = ("imagenet1k", "mvtec_ad")
 COLUMNS = ("name", "task", "params_millions", "metric_value", "metric_name", "input_res", "usable_at_512",
            "code_url", "source")
@@ -285,7 +287,7 @@ def run(args) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags; the defaults are the rule as stated in the study plan."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("--candidates", default="candidates.csv", help="CSV with columns " + ",".join(COLUMNS))
     p.add_argument("--task", default="all", choices=(*TASKS, "all"), help="which task to select for")
     p.add_argument("--max-params", type=float, default=100.0, help="keep models with at most this many M params")

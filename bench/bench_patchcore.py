@@ -50,11 +50,11 @@ def one(args: argparse.Namespace) -> dict:
         patchcore.score(bank, test, device, args.batch_size)
         t["ms_per_image"] = 1000 * (time.perf_counter() - t0) / len(test)
     return {"backbone": args.backbone, "weights": args.weights, "size": args.size, "ratio": args.ratio,
-            "patches": len(features), "bank": len(bank.nn), **t, "peak_rss_mb": patchcore.peak_rss_mb()}
+            "patches": len(features), "bank": len(bank.nn), **t, "peak_rss_mb": data.peak_rss_mb()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("--sizes", default="256,512")
     p.add_argument("--ratios", default="0.1,0.01")
     p.add_argument("--n-train", type=int, default=40, help="synthetic train/good images")
