@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import sys
 import urllib.error
 
@@ -159,11 +160,13 @@ def build_model(name: str, weights: str = "imagenet") -> nn.Module:
     else:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as e:
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
             raise DataError(f"cannot read weights file {weights}: {e}") from None
+        if not isinstance(state, dict):
+            raise DataError(f"weights file {weights} holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:
         raise DataError(f"weights do not fit {name}: {str(e).splitlines()[0]}") from None
     return model.eval()
 

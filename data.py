@@ -170,6 +170,8 @@ class MVTecDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: Sequence[Sample], image_size: int, mean: Sequence[float], std: Sequence[float],
                  center_crop: int | None = None, augment=None):
+        if center_crop and center_crop > image_size:
+            raise DataError(f"center crop {center_crop} px is larger than the resized image ({image_size} px)")
         self.samples, self.image_size, self.mean, self.std = list(samples), image_size, mean, std
         self.center_crop, self.augment = center_crop, augment
 
@@ -205,7 +207,7 @@ def pool_and_eval(test: Sequence[Sample], seed: int) -> dict[str, tuple[list[Sam
     """{defect_type: (pool, eval)}: a seeded shuffle of each test folder, floor(n * POOL_FRACTION) go to the pool."""
     out = {}
     for t in sorted({s.defect_type for s in test}):
-        group = [s for s in test if s.defect_type == t]
+        group = sorted((s for s in test if s.defect_type == t), key=lambda s: s.rel)  # independent of input order
         # One generator per (seed, folder name): adding a folder does not reshuffle the others.
         rng = np.random.default_rng([seed, *t.encode()])
         group = [group[i] for i in rng.permutation(len(group))]
@@ -491,7 +493,7 @@ def main(argv=None) -> None:
             print(f"{'folder':<16}{'images':>8}{'masks':>8}")
             print(f"{'train/good':<16}{len(train):>8}{'':>8}")
             for t in sorted({s.defect_type for s in test}):
-                group = [s for s in test if s.defect_type == t]
+                group = sorted((s for s in test if s.defect_type == t), key=lambda s: s.rel)  # independent of input order
                 print(f"{'test/' + t:<16}{len(group):>8}{sum(s.mask_path is not None for s in group):>8}")
         else:
             split = make_split(test, args.category, args.seed, args.scenario, args.k, args.held_out)

@@ -1,0 +1,346 @@
+"""Tests of backbones.py: offline EfficientNet-Lite0 on real photos, feature strides, classifier heads, weights errors.
+
+No network: the torchvision download is replaced by a function that raises URLError.
+
+    python3 -m pytest -q tests/test_backbones.py --durations=5
+"""
+import re
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import backbones
+import data
+from data import DataError
+
+DAISY = 985  # ImageNet class index of "daisy"
+LITE0_PARAMS = 4_652_008  # EfficientNet-Lite0 with the 1000-class head
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    """The ImageNet EfficientNet-Lite0 (weights from the pip package, loaded with strict=True)."""
+    return backbones.build_model("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """{'china': PIL, 'flower': PIL} from scikit-learn's two sample photos (shipped with the package)."""
+    from sklearn.datasets import load_sample_images
+    images = load_sample_images()
+    names = [p.replace("\\", "/").rsplit("/", 1)[-1] for p in images.filenames]
+    assert names == ["china.jpg", "flower.jpg"]
+    return {"china": Image.fromarray(images.images[0]), "flower": Image.fromarray(images.images[1])}
+
+
+def probabilities(model, image: Image.Image, name: str = "efficientnet_lite0") -> torch.Tensor:
+    """Softmax over the 1000 ImageNet classes of one photo at 224 px with the backbone's normalisation."""
+    x = data.image_to_tensor(image, 224, *backbones.normalization(name))[None]
+    with torch.no_grad():
+        return model(x).softmax(dim=1)[0]
+
+
+@pytest.fixture(scope="module")
+def predictions(lite0, photos):
+    """{photo: class probabilities} of the ImageNet Lite0, computed once."""
+    return {name: probabilities(lite0, image) for name, image in photos.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0: the shipped ImageNet weights work
+# ----------------------------------------------------------------------------------------------------------------
+def test_lite0_recognises_a_daisy(predictions):
+    p = predictions["flower"]
+    assert DAISY in p.topk(5).indices.tolist()
+    # Sharper: daisy is top-1 with p ~0.15. A port error (e.g. TF 'SAME' padding on the wrong side) still leaves
+    # daisy in the top-5 but drops it to ~0.06 and third place.
+    assert p.argmax() == DAISY and p[DAISY] > 0.1
+
+
+def test_lite0_does_not_call_everything_a_daisy(predictions):
+    p = predictions["china"]
+    assert DAISY not in p.topk(5).indices.tolist()
+    assert p.argmax() != predictions["flower"].argmax()
+
+
+def test_lite0_random_weights_do_not_know_daisies(predictions, photos):
+    torch.manual_seed(0)
+    random = backbones.build_model("efficientnet_lite0", "none").eval()
+    assert predictions["flower"][DAISY] > 20 * probabilities(random, photos["flower"])[DAISY]
+
+
+def test_normalization_per_backbone(photos):
+    """Lite0 expects (x*255 - 127) / 128; torchvision models the ImageNet mean/std."""
+    assert backbones.normalization("efficientnet_lite0") == (backbones.LITE0_MEAN, backbones.LITE0_STD)
+    assert backbones.normalization("resnet18") == (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD)
+    x = data.image_to_tensor(photos["flower"], 8, *backbones.normalization("efficientnet_lite0"))
+    assert -1.0 <= x.min() and x.max() <= 1.0  # (x*255 - 127) / 128 maps [0, 255] into [-0.99, 1.0]
+
+
+def test_lite0_state_dict_loads_strictly(lite0):
+    state = torch.load(backbones.lite0_weights_path(), map_location="cpu", weights_only=True)
+    fresh = backbones.EfficientNetLite0()
+    result = fresh.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert set(state) == set(fresh.state_dict())
+    assert backbones.count_params(lite0) == LITE0_PARAMS  # about 4.65 M
+    assert torch.equal(lite0._fc.weight, state["_fc.weight"])
+    assert not lite0.training  # build_model returns eval mode: BN uses the running statistics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# feature extractors: stride 8 and 16, and the rest of the network is skipped
+# ----------------------------------------------------------------------------------------------------------------
+# name, weights, channels of the two layers, a module after the last requested layer, device. Wide ResNet-50 is
+# built on the meta device (shapes without values): its random init alone takes seconds on a laptop CPU.
+EXTRACTORS = [
+    ("efficientnet_lite0", "imagenet", (40, 112), "_conv_head", "cpu"),
+    ("resnet18", "none", (128, 256), "layer4", "cpu"),
+    ("wide_resnet50_2", "none", (512, 1024), "layer4", "meta"),
+]
+
+
+@pytest.fixture(scope="module", params=EXTRACTORS, ids=[e[0] for e in EXTRACTORS])
+def extractor(request):
+    name, weights, channels, late, device = request.param
+    torch.manual_seed(0)
+    with torch.device(device):
+        ext = backbones.feature_extractor(name, weights)
+    return ext, channels, late, device
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_extractor_strides_8_and_16(extractor, size):
+    ext, channels, _, device = extractor
+    with torch.no_grad():
+        feats = ext(torch.randn(2, 3, size, size, device=device))
+    assert [tuple(f.shape) for f in feats] == [(2, channels[0], size // 8, size // 8),
+                                               (2, channels[1], size // 16, size // 16)]
+
+
+def test_extractor_stops_after_its_last_layer(extractor):
+    ext, _, late, device = extractor
+    modules = dict(ext.model.named_modules())
+    fired = []
+    # prepend: run before the extractor's own hook, which ends the forward pass
+    handles = [modules[late].register_forward_hook(lambda *a: fired.append(late)),
+               modules[ext.layers[-1]].register_forward_hook(lambda *a: fired.append("last"), prepend=True)]
+    try:
+        with torch.no_grad():
+            ext(torch.randn(1, 3, 64, 64, device=device))
+            ext(torch.randn(1, 3, 64, 64, device=device))  # and again: no state left over from the first call
+    finally:
+        for h in handles:
+            h.remove()
+    assert fired == ["last", "last"]
+
+
+def test_extractor_is_frozen_eval_and_batch_independent(extractor):
+    ext, _, _, device = extractor
+    assert not ext.training and not ext.model.training
+    assert all(not m.training for m in ext.model.modules())  # BatchNorm uses its running statistics
+    assert all(not p.requires_grad for p in ext.parameters())
+    if device == "meta":
+        return
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batch = ext(x)
+        single = ext(x[1:2])
+    for b, s in zip(batch, single):
+        assert torch.allclose(b[1:2], s, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", backbones.TORCHVISION)
+def test_every_torchvision_layer_pair_has_strides_8_and_16(name):
+    with torch.device("meta"):  # shapes only: no weights initialised, no compute
+        ext = backbones.feature_extractor(name, "none")
+        feats = ext(torch.zeros(1, 3, 64, 64))
+        feats_96 = ext(torch.zeros(1, 3, 96, 96))
+    assert [f.shape[-1] for f in feats] == [8, 4] and [f.shape[-1] for f in feats_96] == [12, 6]
+
+
+def test_extractor_rejects_unknown_layer():
+    with pytest.raises(DataError, match=r"layer 'layer9' not found in ResNet"):
+        backbones.feature_extractor("resnet18", "none", ("layer2", "layer9"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# classifier: fresh 2-class head and a Grad-CAM layer at stride 32
+# ----------------------------------------------------------------------------------------------------------------
+CLASSIFIERS = [("efficientnet_lite0", "imagenet"), ("resnet18", "none"), ("efficientnet_b0", "none")]
+
+
+@pytest.mark.parametrize("name,weights", CLASSIFIERS)
+def test_classifier_two_outputs_and_cam_layer_at_stride_32(name, weights):
+    torch.manual_seed(0)
+    model, cam = backbones.classifier(name, weights, 2)
+    assert any(m is cam for m in model.modules())  # registered: .to(device) moves it, hooks on it fire
+    for size in (64, 96):
+        seen = []
+        handle = cam.register_forward_hook(lambda module, inputs, output: seen.append(output))
+        try:
+            out = model(torch.randn(2, 3, size, size))
+        finally:
+            handle.remove()
+        assert out.shape == (2, 2)
+        assert len(seen) == 1, f"the Grad-CAM layer of {name} never ran in forward()"
+        assert seen[0].shape[0] == 2 and seen[0].shape[-2:] == (size // 32, size // 32)
+        # Grad-CAM needs the gradient of the class score with respect to that output
+        grad, = torch.autograd.grad(out[:, 1].sum(), seen[0])
+        assert grad.shape == seen[0].shape and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "efficientnet_b0"])
+def test_classifier_model_trains_moves_and_saves(name, tmp_path):
+    """classify.py calls .train(), .eval(), .to(device) and saves the state dict; all must work."""
+    torch.manual_seed(0)
+    model, _ = backbones.classifier(name, "none", 2)
+    model.train()
+    assert model.training
+    model.eval()
+    assert not model.training
+    model.to("cpu")
+    path = tmp_path / "clf.pt"
+    torch.save(model.state_dict(), path)
+    again, _ = backbones.classifier(name, "none", 2)
+    again.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), again.eval()(x), atol=1e-6)
+
+
+def test_lite0_classifier_keeps_the_imagenet_trunk(lite0):
+    model, _ = backbones.classifier("efficientnet_lite0", "imagenet", 2)
+    assert model._fc.out_features == 2
+    assert torch.equal(model._conv_head.weight, lite0._conv_head.weight)
+    assert torch.equal(model._blocks[3]._depthwise_conv.weight, lite0._blocks[3]._depthwise_conv.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchvision weights offline, weight files, devices
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty torch hub cache and a network that refuses: every download raises URLError (recorded)."""
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))  # what torch.hub.set_dir sets; restored afterwards
+    calls = []
+
+    def refuse(url, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("no network in tests")
+    # torchvision's WeightsEnum.get_state_dict -> torch.hub.load_state_dict_from_url -> download_url_to_file
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)  # belt and braces: never reach the network
+    return hub, calls
+
+
+def test_offline_torchvision_weights_error_names_cache_file_and_ways_out(offline):
+    hub, calls = offline
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    expected = hub / "checkpoints" / url.rsplit("/", 1)[-1]
+    with pytest.raises(DataError) as e:
+        backbones.build_model("resnet18")
+    message = str(e.value)
+    assert calls and calls[0] == url  # the download was attempted, and refused
+    assert f"({expected})" in message
+    assert "ImageNet weights for resnet18 are not in torch's cache" in message and "URLError" in message
+    assert "--weights PATH" in message and "--backbone efficientnet_lite0" in message
+    assert not expected.exists()
+
+
+def test_torchvision_weights_in_the_cache_load_offline(offline):
+    """The first way out: the file in torch's cache is used without any download."""
+    hub, calls = offline
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = hub / "checkpoints" / url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), cached)
+    model = backbones.build_model("resnet18")
+    assert calls == []
+    assert torch.equal(model.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+
+
+def test_lite0_needs_no_network(offline):
+    _, calls = offline
+    backbones.build_model("efficientnet_lite0")
+    assert calls == []
+
+
+def test_weights_from_a_file(tmp_path):
+    torch.manual_seed(2)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pt"
+    torch.save(reference.state_dict(), path)
+    model = backbones.build_model("resnet18", str(path))
+    assert not model.training
+    assert torch.equal(model.layer2[1].bn2.running_var, reference.layer2[1].bn2.running_var)
+    assert torch.equal(model.fc.weight, reference.fc.weight)
+
+
+def test_weights_file_of_another_model(tmp_path):
+    path = tmp_path / "lite0.pt"
+    torch.save(backbones.EfficientNetLite0().state_dict(), path)
+    with pytest.raises(DataError, match=r"weights do not fit resnet18: Error\(s\) in loading state_dict"):
+        backbones.build_model("resnet18", str(path))
+
+
+def test_weights_file_missing(tmp_path):
+    path = tmp_path / "nothing.pt"
+    with pytest.raises(DataError, match=r"cannot read weights file " + re.escape(str(path))):
+        backbones.build_model("resnet18", str(path))
+
+
+@pytest.mark.parametrize("content", ["garbage", "zip-like", "empty"])
+def test_weights_file_unreadable(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes({"garbage": bytes(range(256)) * 4, "zip-like": b"PK\x03\x04" + b"\0" * 100,
+                      "empty": b""}[content])
+    with pytest.raises(DataError, match=r"cannot read weights file " + re.escape(str(path))):
+        backbones.build_model("resnet18", str(path))
+
+
+def test_weights_file_that_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(DataError, match=re.escape(str(path)) + "|do not fit resnet18"):
+        backbones.build_model("resnet18", str(path))
+
+
+def test_unknown_backbone():
+    with pytest.raises(DataError, match=r"unknown backbone 'vgg16' \(expected one of wide_resnet50_2, .*efficientnet_lite0\)"):
+        backbones.build_model("vgg16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0"])
+def test_pick_device_cuda_without_cuda(name):
+    with pytest.raises(DataError, match=rf"--device {name} asked for, but torch sees no CUDA device \(use --device cpu\)"):
+        backbones.pick_device(name)
+
+
+def test_pick_device_auto_and_cpu():
+    assert backbones.pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert backbones.pick_device("auto").type == expected
+
+
+def test_cli_prints_parameters_and_shapes(capsys):
+    backbones.main(["--backbone", "resnet18", "--weights", "none", "--image-size", "64"])
+    out = capsys.readouterr().out
+    assert "resnet18: 11.69 M parameters" in out
+    assert re.search(r"layer2\s+\(1, 128, 8, 8\)", out) and re.search(r"layer3\s+\(1, 256, 4, 4\)", out)
+
+
+def test_cli_error_exits_with_the_sentence(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        backbones.main(["--backbone", "resnet18", "--weights", str(tmp_path / "nothing.pt")])
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: cannot read weights file")
