@@ -1,0 +1,445 @@
+"""The supervised side of the study: fine-tune an ImageNet-pretrained CNN as a normal-vs-defect image classifier.
+
+Trains on train/good plus the few defect images a split allows, picks the epoch and a deployable threshold on
+training-side validation images, then scores the evaluation images (defect probability + Grad-CAM map).
+
+    python data.py synth --out /tmp/s --size 128
+    python classify.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128 --epochs 5
+    python classify.py --data-root ~/mvtec --category bottle        # EfficientNet-B1 at 512 px, on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+import backbones
+import data
+from evaluate import compute_metrics, image_auroc, normal_threshold, operating_point
+
+VAL_DEFECT_FRACTION = 0.25  # 1 of every 4 training defects of a type validates (int((n + 1) / 4): 3 -> 1, 7 -> 2)
+VAL_GOOD_FRACTION = 0.1     # share of train/good held out as extra validation normals
+MAX_ROTATION = 5.0          # degrees. Geometric augmentations stay small: only a 3% border strip and the corners
+MAX_SHIFT = 0.03            # a 5-degree turn cuts leave the frame, so a defect is hardly ever moved out of view
+JITTER = 0.1                # brightness and contrast factors in [1 - JITTER, 1 + JITTER]; no hue/saturation change,
+                            # since several MVTec defect types *are* a colour change ("color", cable_swap)
+# Categories whose mirror image is a defect: metal_nut's "flip" type is a mirrored nut, cable_swap swaps the colour
+# order, a mirrored screw has a left-hand thread, transistor/capsule/pill carry orientation or print. No flips there.
+MIRROR_SENSITIVE = ("metal_nut", "cable", "screw", "transistor", "capsule", "pill")
+BN_MOMENTUM = 0.1  # Lite0's TensorFlow-style 0.01 lets BN running stats lag far behind during a short fine-tune
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Which images train, validate and evaluate
+# ----------------------------------------------------------------------------------------------------------------
+def load_split(args: argparse.Namespace, test: Sequence[data.Sample]) -> dict:
+    """The split file given by --split, or the default: make_split(..., "all-types", k=None), i.e. the whole pool
+    (half of every test folder, rounded down) may train, the other half is evaluated."""
+    if args.split is None:
+        return data.make_split(test, args.category, args.seed, "all-types", k=None)
+    split = data.read_split(args.split)
+    if split["category"] != args.category:
+        raise data.DataError(f"split file {args.split} is for category '{split['category']}', not '{args.category}'")
+    return split
+
+
+def validation_split(train_good: Sequence[data.Sample], train_defects: Sequence[data.Sample],
+                     heldout_good: Sequence[data.Sample], seed: int) -> tuple[list[data.Sample], list[data.Sample]]:
+    """(fit, val): val = the split's held-out good pool + a seeded 10% of train/good + ~1 in 4 defects of each type.
+
+    Only training-side images: the evaluation images are never seen before the final scoring. A type's last
+    training defect is never taken, so every type the split lists is trained on. If the 1-in-4 rule gives no
+    validation defect, one is taken from the largest type that has 2 or more; if none has (a single training
+    defect, or k=1 per type), val has no defect and the last epoch is kept (see select_epoch).
+    """
+    fit, val = [], list(heldout_good)
+    rng = np.random.default_rng([seed, *b"val/good"])
+    order = rng.permutation(len(train_good))
+    n_good = max(1, round(len(train_good) * VAL_GOOD_FRACTION)) if len(train_good) >= 2 else 0
+    val += [train_good[i] for i in sorted(order[:n_good])]
+    fit += [train_good[i] for i in sorted(order[n_good:])]
+    by_type = {}
+    for t in sorted({s.defect_type for s in train_defects}):
+        group = [s for s in train_defects if s.defect_type == t]
+        rng = np.random.default_rng([seed, *f"val/{t}".encode()])  # one generator per type, as data.pool_and_eval
+        by_type[t] = [group[i] for i in rng.permutation(len(group))]
+    n_val = {t: int((len(g) + 1) * VAL_DEFECT_FRACTION) for t, g in by_type.items()}
+    largest = max(by_type, key=lambda t: len(by_type[t]), default=None)  # the first (sorted) type on ties
+    if sum(n_val.values()) == 0 and largest is not None and len(by_type[largest]) >= 2:
+        n_val[largest] = 1
+    for t, group in by_type.items():
+        val += group[:n_val[t]]
+        fit += group[n_val[t]:]
+    if not any(s.label == 0 for s in val):
+        raise data.DataError("no normal image is left for validation (need 2+ images in train/good or a held-out "
+                             "good pool in the split); the threshold is set on held-out normal images")
+    return fit, val
+
+
+class Augment:
+    """Label-preserving augmentation of a PIL image, with its own seeded generator: resize to the model size,
+    random flips, a small rotation and shift (reflect-padded, so no black corner appears), mild brightness and
+    contrast jitter."""
+
+    def __init__(self, image_size: int, flips: bool, seed: int):
+        self.image_size, self.flips = image_size, flips
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        u = torch.rand(7, generator=self.generator).tolist()  # 7 uniform numbers in [0, 1), one per decision
+        s = self.image_size
+        image = image.resize((s, s), Image.BILINEAR)  # augment at the model's size: cheap, and the same for any input
+        if self.flips and u[0] < 0.5:
+            image = TF.hflip(image)
+        if self.flips and u[1] < 0.5:
+            image = TF.vflip(image)
+        pad = math.ceil(s * (MAX_SHIFT + math.sin(math.radians(MAX_ROTATION))))  # covers what rotation+shift expose
+        image = TF.pad(image, [pad], padding_mode="reflect")  # (s, s) -> (s + 2 pad, s + 2 pad)
+        shift = [round((2 * u[3] - 1) * MAX_SHIFT * s), round((2 * u[4] - 1) * MAX_SHIFT * s)]
+        image = TF.affine(image, angle=(2 * u[2] - 1) * MAX_ROTATION, translate=shift, scale=1.0, shear=[0.0],
+                          interpolation=TF.InterpolationMode.BILINEAR)
+        image = TF.center_crop(image, [s, s])  # -> (s, s)
+        image = TF.adjust_brightness(image, 1 + (2 * u[5] - 1) * JITTER)
+        return TF.adjust_contrast(image, 1 + (2 * u[6] - 1) * JITTER)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The model: a pretrained trunk with a fresh 2-class head; the checkpoint that rebuilds it
+# ----------------------------------------------------------------------------------------------------------------
+def head_of(model: nn.Module) -> nn.Module:
+    """The fresh classification head: the last nn.Linear of the network (fc, _fc or classifier[-1])."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+@dataclass
+class Checkpoint:
+    """A trained classifier: how to rebuild it, its weights and its deployable threshold (model.pt)."""
+    backbone: str
+    image_size: int
+    threshold: float
+    best_epoch: int
+    state_dict: dict
+
+    def save(self, path: Path) -> None:
+        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Checkpoint":
+        try:
+            return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, TypeError) as e:
+            raise data.DataError(f"cannot read classifier checkpoint {path}: {e}") from None
+
+    def build(self, device: torch.device) -> tuple[nn.Module, nn.Module]:
+        """(model in eval mode on device, its Grad-CAM layer)."""
+        model, cam_layer = backbones.classifier(self.backbone, "none", num_classes=2)
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval(), cam_layer
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (bfloat16 where supported, else float16); full float32 on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Training: class-weighted cross-entropy, AdamW, linear warm-up then cosine decay, best epoch on validation
+# ----------------------------------------------------------------------------------------------------------------
+def class_weights(labels: Sequence[int]) -> torch.Tensor:
+    """Inverse-frequency weights (2,), N / (2 N_c): both classes contribute equally to the loss."""
+    counts = torch.bincount(torch.as_tensor(labels), minlength=2).double()  # (2,)
+    return (counts.sum() / (2 * counts)).float()
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up to 1 over warmup_steps, then a cosine decay towards 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def train_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, weights: torch.Tensor,
+                device: torch.device, desc: str, freeze_trunk: bool) -> float:
+    """One pass over the training images; returns the mean class-weighted loss."""
+    model.train(not freeze_trunk)  # linear probe: the trunk stays in eval mode (BN statistics, no dropout)
+    total, n = 0.0, 0
+    for batch in tqdm(loader, desc=desc, disable=None, leave=False):
+        images, labels = batch["image"].to(device), batch["label"].to(device)  # (B, 3, S, S), (B,)
+        with autocast(device):
+            logits = model(images)  # (B, 2)
+        # Imbalance: class-weighted cross-entropy (weights N / (2 N_c)), summed and divided by the batch size.
+        # PyTorch's weighted "mean" would divide by the batch's weight sum, which undoes the weighting in a batch
+        # of normals only -- frequent here, with ~1 defect per 8 normals. We weight rather than oversample so that
+        # the few defect images are not repeated many times an epoch (they would be memorised, augmentations aside).
+        loss = F.cross_entropy(logits.float(), labels, weight=weights, reduction="sum") / len(labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total, n = total + loss.item() * len(labels), n + len(labels)
+    return total / n
+
+
+def select_epoch(history: list[dict]) -> int:
+    """Index of the best epoch: highest validation AUROC, ties broken by lower validation loss, then the later epoch.
+    Without a validation defect (a single training defect) AUROC is undefined: the last epoch is kept."""
+    if history[-1]["val_auroc"] is None:
+        return len(history) - 1
+    return max(range(len(history)), key=lambda i: (history[i]["val_auroc"], -history[i]["val_loss"], i))
+
+
+def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Sequence[data.Sample],
+        args: argparse.Namespace, device: torch.device) -> tuple[dict, list[dict]]:
+    """Fine-tune (or linear-probe) the model; returns the state dict of the best epoch and the per-epoch history."""
+    mean, std = backbones.normalization(args.backbone)
+    flips = args.flips == "both" or (args.flips == "auto" and args.category not in MIRROR_SENSITIVE)
+    augment = Augment(args.image_size, flips, args.seed)
+    loader = data.make_loader(fit_samples, args.image_size, mean, std, args.batch_size, augment=augment,
+                              shuffle=True, seed=args.seed)
+    weights = class_weights([s.label for s in fit_samples]).to(device)
+    if args.freeze_trunk:
+        model.requires_grad_(False)
+        head_of(model).requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    total_steps = args.epochs * len(loader)
+    warmup_steps = min(args.warmup_epochs * len(loader), total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+    # float16 needs loss scaling against underflow; bfloat16 and float32 do not (the scaler is then a no-op).
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    val_labels = np.array([s.label for s in val_samples])
+    history, best_state, best = [], None, -1
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        loss = train_epoch(model, loader, optimizer, scheduler, scaler, weights, device,
+                           f"epoch {epoch}/{args.epochs}", args.freeze_trunk)
+        d, _, _ = predict(model, val_samples, args.backbone, args.image_size, device, args.batch_size)
+        # Validation loss, balanced over the two classes: CE of a 2-class softmax is softplus(-d) for a defect and
+        # softplus(d) for a normal image, d the log-odds.
+        ce = np.logaddexp(0, np.where(val_labels == 1, -d, d))  # (N_val,)
+        val_loss = float(np.mean([ce[val_labels == c].mean() for c in (0, 1) if (val_labels == c).any()]))
+        val_auroc = image_auroc(val_labels, d) if val_labels.any() else None
+        history.append({"epoch": epoch, "loss": loss, "val_loss": val_loss, "val_auroc": val_auroc,
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+        if select_epoch(history) == len(history) - 1:  # this epoch is the best so far: keep its weights
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = epoch
+        auroc = "n/a" if val_auroc is None else f"{val_auroc:.4f}"
+        print(f"epoch {epoch:>3}/{args.epochs}  loss {loss:.4f}  val_loss {val_loss:.4f}  val_auroc {auroc}  "
+              f"{history[-1]['seconds']:.1f} s{'  *' if best == epoch else ''}")
+    return best_state, history
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Scoring: defect probability and Grad-CAM map (Selvaraju et al., ICCV 2017) of every image
+# ----------------------------------------------------------------------------------------------------------------
+def grad_cam(model: nn.Module, cam_layer: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-odds of the defect class (B,) and Grad-CAM maps (B, S, S) at the images' size.
+
+    Grad-CAM of the log-odds d = z_defect - z_good (the logit of the equivalent 1-logit model):
+    alpha_k = mean_ij dd/dA_kij (Eq. 1), map = ReLU(sum_k alpha_k A_k) (Eq. 2), upsampled bilinearly.
+    Scaling: none per image. With global average pooling and a linear head, sum_ij sum_k alpha_k A_kij is exactly
+    d minus the bias, so every pixel is in log-odds units, comparable across images as pixel AUROC and AUPRO need
+    (per-image min-max normalisation would light up every good image). Good images have mostly negative
+    contributions and so maps near zero.
+    """
+    kept = {}
+
+    def hook(module, inputs, output):
+        kept["A"] = output.detach().requires_grad_(True)  # a leaf: the backward pass stops here
+        return kept["A"]
+
+    handle = cam_layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad(), autocast(images.device):
+            logits = model(images)  # (B, 2)
+        d = logits[:, 1].float() - logits[:, 0].float()  # (B,)
+        # In eval mode every image's d depends only on its own activations, so one backward of the sum gives all.
+        grads, = torch.autograd.grad(d.sum(), kept["A"])  # (B, C, h, w)
+    finally:
+        handle.remove()
+    A = kept["A"].detach().float()
+    alpha = grads.float().mean(dim=(2, 3), keepdim=True)  # (B, C, h, w) -> (B, C, 1, 1)
+    cam = F.relu((alpha * A).sum(dim=1, keepdim=True))  # (B, C, h, w) -> (B, 1, h, w)
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, S, S)
+    return d.detach(), cam[:, 0]  # (B,), (B, S, S)
+
+
+def predict(model: nn.Module, samples: Sequence[data.Sample], backbone: str, image_size: int, device: torch.device,
+            batch_size: int, cam_layer: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Defect log-odds (N,), Grad-CAM maps (N, S, S) (None without cam_layer) and masks (N, S, S) of samples.
+    Eval mode: every image is scored on its own, so the results do not depend on the batch size."""
+    model.eval()
+    loader = data.make_loader(samples, image_size, *backbones.normalization(backbone), batch_size)
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)  # Grad-CAM needs dd/dA only: no graph through the trunk's weights
+    log_odds, maps, masks = [], [], []
+    try:
+        for batch in tqdm(loader, desc="scoring", disable=None, leave=False):
+            images = batch["image"].to(device)  # (B, 3, S, S)
+            if cam_layer is None:
+                with torch.no_grad(), autocast(device):
+                    logits = model(images).float()  # (B, 2)
+                log_odds.append((logits[:, 1] - logits[:, 0]).cpu().double())
+            else:
+                d, cam = grad_cam(model, cam_layer, images)  # (B,), (B, S, S)
+                log_odds.append(d.cpu().double())
+                maps.append(cam.cpu().numpy())
+            masks.append(batch["mask"][:, 0].numpy() > 0)  # (B, 1, S, S) -> (B, S, S)
+    finally:
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
+    return torch.cat(log_odds).numpy(), np.concatenate(maps) if maps else None, np.concatenate(masks)
+
+
+def score(model: nn.Module, cam_layer: nn.Module, samples: Sequence[data.Sample], backbone: str, image_size: int,
+          device: torch.device, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Defect probabilities (N,) and Grad-CAM maps (N, S, S) of samples, for a trained model."""
+    d, maps, _ = predict(model, samples, backbone, image_size, device, batch_size, cam_layer)
+    return 1 / (1 + np.exp(-d)), maps  # float64 sigmoid: probabilities tie at 1.0 only for log-odds above ~37
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def check_args(args: argparse.Namespace) -> None:
+    """Reject impossible settings with one sentence."""
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--image-size", args.image_size, 32), ("--warmup-epochs", args.warmup_epochs, 0),
+                             ("--save-maps", args.save_maps, 0)):
+        if value < low:
+            raise data.DataError(f"{flag} must be at least {low}, got {value}")
+    if not args.lr > 0 or args.weight_decay < 0:
+        raise data.DataError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.weight_decay}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train on the training side of the split, score the evaluation images, write the result files; return metrics."""
+    check_args(args)
+    torch.manual_seed(args.seed)  # the head's initialisation and dropout draw from torch's global generator
+    device = backbones.pick_device(args.device)
+    train_good, test = data.load_category(args.data_root, args.category)
+    split = load_split(args, test)
+    train_defects, heldout_good, eval_samples = data.apply_split(test, split)
+    if not train_defects:
+        raise data.DataError(f"the split gives the classifier no defect image of {args.category} to train on; a "
+                             f"supervised classifier cannot learn the defect class without examples (use k >= 1)")
+    fit_samples, val_samples = validation_split(train_good, train_defects, heldout_good, args.seed)
+    model, cam_layer = backbones.classifier(args.backbone, args.weights, num_classes=2)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = BN_MOMENTUM
+    model.to(device)
+    out_dir = Path(args.out_dir or f"runs/classify/{args.category}")
+    n_fit_defects = sum(s.label for s in fit_samples)
+    print(f"{args.category}: training on {len(fit_samples)} images ({n_fit_defects} defects), validating on "
+          f"{len(val_samples)} ({sum(s.label for s in val_samples)} defects), evaluating {len(eval_samples)}")
+
+    with data.atomic_dir(out_dir) as tmp:
+        # Train: fine-tune, keep the epoch with the best validation AUROC
+        t0 = time.perf_counter()
+        best_state, history = fit(model, fit_samples, val_samples, args, device)
+        train_seconds = time.perf_counter() - t0
+        model.load_state_dict(best_state)
+        best = history[select_epoch(history)]
+
+        # Threshold: deployable, from the validation NORMAL images only (never an evaluation image or a defect)
+        d_val, _, _ = predict(model, val_samples, args.backbone, args.image_size, device, args.batch_size)
+        val_normals = 1 / (1 + np.exp(-d_val[[s.label == 0 for s in val_samples]]))
+        threshold = normal_threshold(val_normals)
+
+        # Score: defect probability and Grad-CAM map of every evaluation image, metrics shared with patchcore.py
+        t0 = time.perf_counter()
+        d, maps, masks = predict(model, eval_samples, args.backbone, args.image_size, device, args.batch_size,
+                                 cam_layer)
+        ms_per_image = 1000 * (time.perf_counter() - t0) / len(eval_samples)  # reading + forward + Grad-CAM
+        scores = 1 / (1 + np.exp(-d))  # (N,) defect probability
+        labels = np.array([s.label for s in eval_samples])
+        metrics = compute_metrics(labels, scores, masks, maps, np.array([s.has_mask for s in eval_samples]))
+        point = operating_point(labels, scores, threshold)
+        metrics.update(threshold=threshold, recall_at_threshold=point["recall"], fpr_at_threshold=point["fpr"],
+                       best_epoch=best["epoch"], val_auroc=best["val_auroc"], train_seconds=train_seconds,
+                       ms_per_image=ms_per_image, n_train_images=len(fit_samples), n_train_defects=n_fit_defects,
+                       n_val_images=len(val_samples), n_val_defects=sum(s.label for s in val_samples),
+                       params_millions=backbones.count_params(model) / 1e6, peak_rss_mb=data.peak_rss_mb(),
+                       history=history, args=vars(args),
+                       run_info=data.run_info())
+
+        # Write: scores.csv, metrics.json, args.json, the images of each set, model.pt, optional overlays
+        data.write_scores(tmp / "scores.csv", eval_samples, scores)
+        data.write_json(tmp / "metrics.json", metrics)
+        data.write_json(tmp / "args.json", vars(args))
+        data.write_json(tmp / "images.json", {"split": split, "train": [s.rel for s in fit_samples],
+                                              "val": [s.rel for s in val_samples],
+                                              "eval": [s.rel for s in eval_samples]})
+        Checkpoint(args.backbone, args.image_size, threshold, best["epoch"],
+                   {k: v.cpu() for k, v in best_state.items()}).save(tmp / "model.pt")
+        for rank, i in enumerate(np.argsort(-scores, kind="stable")[:args.save_maps]):
+            (tmp / "maps").mkdir(exist_ok=True)
+            s = eval_samples[i]
+            data.save_overlay(tmp / "maps" / f"{rank:02d}_{s.defect_type}_{Path(s.path).stem}.png",
+                              data.read_image(s.path), maps[i], masks[i], f"{s.rel}  p(defect) {scores[i]:.3f}")
+    print_table(metrics, out_dir)
+    return metrics
+
+
+def print_table(metrics: dict, out_dir: Path) -> None:
+    """The final aligned table, with the same numbers as metrics.json."""
+    print(f"\n{'metric':<22}{'value':>12}")
+    for key in ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1_max", "threshold",
+                "recall_at_threshold", "fpr_at_threshold", "best_epoch", "val_auroc", "train_seconds",
+                "ms_per_image", "n_train_images", "n_train_defects", "params_millions"):
+        value = metrics.get(key)
+        print(f"{key:<22}{'n/a' if value is None else f'{value:.4g}':>12}")
+    print(f"results in {out_dir}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    p.add_argument("--data-root", required=True, help="folder holding <category>/train/good, test/, ground_truth/")
+    p.add_argument("--category", required=True)
+    p.add_argument("--backbone", choices=backbones.BACKBONES, default="efficientnet_b1")
+    p.add_argument("--weights", default="imagenet",
+                   help="trunk initialisation: imagenet, none (random init) or a state-dict file of the ImageNet model")
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="linear warm-up before the cosine decay")
+    p.add_argument("--freeze-trunk", action="store_true", help="train the head only (a linear probe)")
+    p.add_argument("--flips", choices=("auto", "both", "none"), default="auto",
+                   help="auto: horizontal+vertical flips except for categories whose mirror image is a defect")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--split", default=None,
+                   help="split JSON from data.py; without one: all-types with the whole pool, for this --seed")
+    p.add_argument("--save-maps", type=int, default=0, help="save Grad-CAM overlays of the N highest-scoring images")
+    p.add_argument("--out-dir", default=None, help="default: runs/classify/<category>")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

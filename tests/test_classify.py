@@ -1,0 +1,217 @@
+"""Tests of classify.py: the fine-tuned normal-vs-defect classifier on the synthetic tree (CPU, Lite0, 64-128 px)."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import classify
+import data
+
+TINY = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "2", "--batch-size", "8",
+        "--device", "cpu"]
+
+
+def read_scores(path) -> dict:
+    """scores.csv as {path: score}."""
+    with open(path) as f:
+        return {row["path"]: float(row["score"]) for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_root, tmp_path_factory):
+    """One 2-epoch run on the 64 px weave (8 training defects), shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("classify") / "weave"
+    metrics = classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY, "--out-dir", str(out)])
+    return out, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole script
+# ----------------------------------------------------------------------------------------------------------------
+def test_separates_seen_defect_types_and_writes_every_file(synth_root_128, tmp_path, capsys):
+    out = tmp_path / "weave"
+    metrics = classify.main(["--data-root", str(synth_root_128), "--category", "weave", "--backbone",
+                             "efficientnet_lite0", "--image-size", "128", "--epochs", "8", "--batch-size", "8",
+                             "--device", "cpu", "--save-maps", "2", "--out-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert metrics["image_auroc"] >= 0.9, metrics  # all four defect types were seen in training
+    assert metrics["pixel_auroc"] > 0.6, metrics  # Grad-CAM points at the defects, if coarsely (stride 32)
+    assert sum(line.startswith("epoch ") for line in printed.splitlines()) == 8  # one line per epoch
+    assert f"{'image_auroc':<22}{metrics['image_auroc']:>12.4g}" in printed  # the table shows the file's numbers
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "images.json", "maps", "metrics.json",
+                                                     "model.pt", "scores.csv"]
+    assert len(list((out / "maps").glob("*.png"))) == 2
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
+                "fpr_at_threshold", "train_seconds", "ms_per_image", "n_train_defects", "params_millions"):
+        assert on_disk[key] is not None and on_disk[key] == pytest.approx(metrics[key]), key
+    assert on_disk["args"]["category"] == "weave" and on_disk["run_info"]["torch"] == torch.__version__
+    assert 0.0 <= on_disk["fpr_at_threshold"] <= 1.0 and on_disk["n_train_defects"] == 8
+    scores = read_scores(out / "scores.csv")
+    assert len(scores) == metrics["n_images"] and all(0.0 <= s <= 1.0 for s in scores.values())
+
+
+def test_no_evaluation_image_is_trained_or_validated_on(tiny_run, synth_root):
+    out, _ = tiny_run
+    sets = json.loads((out / "images.json").read_text())
+    train, val, evaluated = set(sets["train"]), set(sets["val"]), set(sets["eval"])
+    assert evaluated and not evaluated & train and not evaluated & val and not train & val
+    assert evaluated == set(sets["split"]["eval"])
+    assert set(sets["split"]["heldout_good"]) <= val  # the held-out good pool validates and sets the threshold
+    assert any(r.startswith("test/") and "/good/" not in r for r in val)  # at least one validation defect
+    assert json.loads((out / "metrics.json").read_text())["n_images"] == len(evaluated)
+    scored = {str(Path(p).relative_to(synth_root / "weave")) for p in read_scores(out / "scores.csv")}
+    assert scored == evaluated  # scores.csv holds exactly the evaluation images
+
+
+def test_same_seed_gives_identical_scores(tiny_run, synth_root, tmp_path):
+    out, first = tiny_run
+    again = classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY,
+                           "--out-dir", str(tmp_path / "again")])
+    assert read_scores(tmp_path / "again" / "scores.csv") == read_scores(out / "scores.csv")
+    without_time = [[{k: v for k, v in h.items() if k != "seconds"} for h in m["history"]] for m in (first, again)]
+    assert without_time[0] == without_time[1]  # the same losses and validation AUROCs, epoch by epoch
+
+
+def test_checkpoint_reload_gives_the_same_scores_and_image_sized_maps(tiny_run, synth_root):
+    out, _ = tiny_run
+    checkpoint = classify.Checkpoint.load(out / "model.pt")
+    model, cam_layer = checkpoint.build(torch.device("cpu"))
+    _, test = data.load_category(synth_root, "weave")
+    by_rel = {s.rel: s for s in test}
+    samples = [by_rel[r] for r in json.loads((out / "images.json").read_text())["eval"]]
+    scores, maps = classify.score(model, cam_layer, samples, checkpoint.backbone, checkpoint.image_size,
+                                  torch.device("cpu"), batch_size=8)
+    written = read_scores(out / "scores.csv")
+    assert scores == pytest.approx([written[s.path] for s in samples], rel=1e-5)  # scores.csv keeps 6 digits
+    assert maps.shape == (len(samples), 64, 64) and np.isfinite(maps).all() and (maps >= 0).all()
+    one_by_one, maps1 = classify.score(model, cam_layer, samples[:3], checkpoint.backbone, 64, torch.device("cpu"),
+                                       batch_size=1)
+    assert one_by_one == pytest.approx(scores[:3], rel=1e-5, abs=1e-7)  # results do not depend on the batch size
+    assert np.allclose(maps1, maps[:3], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one sentence, non-zero exit, nothing written
+# ----------------------------------------------------------------------------------------------------------------
+def test_split_without_training_defects_is_refused(synth_root, tmp_path):
+    _, test = data.load_category(synth_root, "weave")
+    data.write_split(data.make_split(test, "weave", 0, "few-shot", k=0), tmp_path / "split.json")
+    out = tmp_path / "runs" / "weave"
+    with pytest.raises(SystemExit, match=r"^error: .*no defect image of weave to train on; a supervised classifier "
+                                         r"cannot learn the defect class without examples"):
+        classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY,
+                       "--split", str(tmp_path / "split.json"), "--out-dir", str(out)])
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--data-root", "/nonexistent/mvtec"], r"data root /nonexistent/mvtec does not exist"),
+    (["--category", "carpet"], r"category 'carpet' not found in .*; categories found: washer, weave"),
+    (["--split", "washer-split"], r"split file .* is for category 'washer', not 'weave'"),
+    (["--epochs", "0"], r"--epochs must be at least 1, got 0"),
+    (["--weights", "/nonexistent/w.pt"], r"cannot read weights file /nonexistent/w.pt"),
+])
+def test_bad_input_exits_with_one_sentence_and_writes_nothing(synth_root, tmp_path, change, message):
+    _, test = data.load_category(synth_root, "washer")
+    data.write_split(data.make_split(test, "washer", 0, "all-types", k=None), tmp_path / "washer-split")
+    change = [str(tmp_path / c) if c == "washer-split" else c for c in change]
+    argv = ["--data-root", str(synth_root), "--category", "weave", *TINY, "--out-dir", str(tmp_path / "runs" / "x")]
+    for i in range(0, len(change), 2):
+        if change[i] in argv:
+            argv[argv.index(change[i]) + 1] = change[i + 1]
+        else:
+            argv += change[i:i + 2]
+    with pytest.raises(SystemExit, match=rf"^error: {message}") as e:
+        classify.main(argv)
+    assert "\n" not in str(e.value.code)
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces, with known answers
+# ----------------------------------------------------------------------------------------------------------------
+def test_validation_split_is_training_side_stratified_and_seeded(synth_root):
+    train, test = data.load_category(synth_root, "washer")
+    defects, heldout, evaluated = data.apply_split(test, data.make_split(test, "washer", 0, "all-types", k=None))
+    fit, val = classify.validation_split(train, defects, heldout, seed=0)
+    assert sorted(s.rel for s in fit + val) == sorted(s.rel for s in train + defects + heldout)  # each once
+    assert not {s.rel for s in fit + val} & {s.rel for s in evaluated}
+    assert set(heldout) <= set(val) and sum(s.rel.startswith("train/") for s in val) == 2  # 10% of 16, rounded
+    assert sum(s.label for s in val) == 1  # 2 per type: the 1-in-4 rule gives none, so one is taken
+    assert classify.validation_split(train, defects, heldout, seed=0) == (fit, val)
+    assert classify.validation_split(train, defects, heldout, seed=1) != (fit, val)
+    # a type's only training defect must train: k=1 per type gives no validation defect (the last epoch is kept)
+    one_each = [next(s for s in defects if s.defect_type == t) for t in sorted({s.defect_type for s in defects})]
+    fit1, val1 = classify.validation_split(train, one_each, heldout, seed=0)
+    assert set(one_each) <= set(fit1) and not any(s.label for s in val1)
+
+
+def test_select_epoch_prefers_auroc_then_loss_then_later_epoch():
+    h = [{"val_auroc": 0.9, "val_loss": 0.2}, {"val_auroc": 1.0, "val_loss": 0.3},
+         {"val_auroc": 1.0, "val_loss": 0.1}, {"val_auroc": 1.0, "val_loss": 0.1}, {"val_auroc": 0.8, "val_loss": 0.0}]
+    assert classify.select_epoch(h) == 3
+    assert classify.select_epoch([{"val_auroc": None, "val_loss": v} for v in (0.1, 0.5)]) == 1  # no val defect
+
+
+def test_class_weights_balance_the_two_classes():
+    w = classify.class_weights([0, 0, 0, 0, 0, 0, 1, 1])
+    assert w.tolist() == pytest.approx([8 / 12, 8 / 4])
+    assert w[0] * 6 == pytest.approx(w[1] * 2)  # each class carries half of the loss
+
+
+def test_lr_schedule_warms_up_then_decays_by_cosine():
+    f = [classify.lr_factor(s, warmup_steps=4, total_steps=20) for s in range(20)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and f[4] == pytest.approx(1.0)
+    assert f[12] == pytest.approx(0.5) and all(a > b for a, b in zip(f[4:], f[5:])) and f[-1] > 0
+
+
+def test_augment_is_seeded_keeps_the_size_and_respects_flips():
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    a = [np.asarray(classify.Augment(64, True, seed=3)(noise)) for _ in range(2)]
+    assert a[0].shape == (64, 64, 3) and np.array_equal(a[0], a[1])
+    assert not np.array_equal(a[0], np.asarray(classify.Augment(64, True, seed=4)(noise)))
+    # dark left half, bright right half: only a horizontal flip brings the bright side to the left
+    halves = Image.fromarray(np.repeat(np.r_[np.zeros(40), np.full(40, 255)].astype(np.uint8)[None, :, None],
+                                       80, 0).repeat(3, 2))
+
+    def left_half_means(flips: bool) -> list[float]:
+        augment = classify.Augment(64, flips, seed=0)
+        return [np.asarray(augment(halves))[:, :32].mean() for _ in range(16)]
+
+    assert max(left_half_means(False)) < 40  # a small rotation and shift never bring the right half over
+    assert 3 <= sum(v > 200 for v in left_half_means(True)) <= 13  # about half of the images are mirrored
+
+
+class TinyCNN(nn.Module):
+    """A 1x1 conv (the Grad-CAM layer) -> global average pooling -> linear: Grad-CAM has a closed form here."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))  # (B, 3, S, S) -> (B, 4, S, S) -> (B, 4) -> (B, 2)
+
+
+def test_grad_cam_sums_to_the_log_odds_in_a_pooled_linear_model():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    with torch.no_grad():
+        model.fc.weight[1] = model.fc.weight[0] + torch.tensor([0.5, 1.0, 0.2, 0.7])  # every channel votes "defect"
+    images = torch.randn(3, 3, 16, 16)
+    d, cam = classify.grad_cam(model, model.conv, images)
+    with torch.no_grad():
+        logits = model(images)
+        bias = (model.fc.bias[1] - model.fc.bias[0]).item()
+    assert cam.shape == (3, 16, 16)
+    assert d == pytest.approx((logits[:, 1] - logits[:, 0]).tolist(), abs=1e-5)
+    # each pixel is its additive share of the log-odds: no per-image normalisation, comparable across images
+    assert cam.sum(dim=(1, 2)).tolist() == pytest.approx((d - bias).tolist(), abs=1e-4)
+    assert all(p.grad is None for p in model.parameters())  # scoring does not touch the weights' gradients
