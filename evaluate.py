@@ -210,8 +210,8 @@ TABLE_METRICS = ("image_auroc", "average_precision", "f1_max", "recall_at_thresh
 COST_METRICS = ("n_labelled", "train_seconds", "ms_per_image", "params_millions", "peak_rss_mb")
 # The README's first command: synthetic data, EfficientNet-Lite0 for both methods (offline weights), 128 px, CPU.
 DEMO = dict(categories="weave,washer", scenarios="all-types,unseen-type,few-shot", seeds="0", k_values="1,2,4",
-            few_shot_k="1,2,3,4", unseen_k=4, image_size=128, classifier_backbone="efficientnet_lite0",
-            patchcore_backbone="efficientnet_lite0", epochs=6, batch_size=16, coreset_ratio=0.1)
+            few_shot_k="1,2,4", unseen_k=4, image_size=128, classifier_backbone="efficientnet_lite0",
+            patchcore_backbone="efficientnet_lite0", epochs=5, batch_size=8, coreset_ratio=0.1)
 
 
 def parse_k(text: str) -> list[int | None]:
@@ -655,7 +655,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default="imagenet", help="imagenet or none (random init, for tests)")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=30, help="classifier training epochs")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8, help="both methods (classifier training and scoring)")
     p.add_argument("--coreset-ratio", type=float, default=0.1)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out-dir", default=None, help="default: runs/study (runs/demo with --demo)")
@@ -679,6 +679,7 @@ def run(args: argparse.Namespace) -> str:
             raise data.DataError(f"study folder {study_dir} does not exist")
     else:
         study_dir = Path(args.out_dir or ("runs/demo" if args.demo else "runs/study"))
+        args.out_dir = study_dir
         if args.demo:
             args.data_root = study_dir / "data"
             if not (args.data_root / "washer").is_dir():
