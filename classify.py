@@ -40,6 +40,9 @@ JITTER = 0.1                # brightness and contrast factors in [1 - JITTER, 1 
 # order, a mirrored screw has a left-hand thread, transistor/capsule/pill carry orientation or print. No flips there.
 MIRROR_SENSITIVE = ("metal_nut", "cable", "screw", "transistor", "capsule", "pill")
 BN_MOMENTUM = 0.1  # Lite0's TensorFlow-style 0.01 lets BN running stats lag far behind during a short fine-tune
+TABLE_KEYS = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1_max", "threshold",
+              "recall_at_threshold", "fpr_at_threshold", "best_epoch", "val_auroc", "train_seconds", "ms_per_image",
+              "n_train_images", "n_train_defects", "params_millions")  # the final table printed by run()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,19 +396,8 @@ def run(args: argparse.Namespace) -> dict:
             s = eval_samples[i]
             data.save_overlay(tmp / "maps" / f"{rank:02d}_{s.defect_type}_{Path(s.path).stem}.png",
                               data.read_image(s.path), maps[i], masks[i], f"{s.rel}  p(defect) {scores[i]:.3f}")
-    print_table(metrics, out_dir)
+    data.print_table(metrics, TABLE_KEYS, out_dir)
     return metrics
-
-
-def print_table(metrics: dict, out_dir: Path) -> None:
-    """The final aligned table, with the same numbers as metrics.json."""
-    print(f"\n{'metric':<22}{'value':>12}")
-    for key in ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1_max", "threshold",
-                "recall_at_threshold", "fpr_at_threshold", "best_epoch", "val_auroc", "train_seconds",
-                "ms_per_image", "n_train_images", "n_train_defects", "params_millions"):
-        value = metrics.get(key)
-        print(f"{key:<22}{'n/a' if value is None else f'{value:.4g}':>12}")
-    print(f"results in {out_dir}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

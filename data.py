@@ -326,6 +326,15 @@ def write_scores(path: str | Path, samples: Sequence[Sample], scores: Sequence[f
             w.writerow([s.path, s.label, s.defect_type, f"{float(score):.6g}"])
 
 
+def print_table(metrics: dict, keys: Sequence[str], out_dir: str | Path) -> None:
+    """A script's final aligned table, with the same numbers as its metrics.json."""
+    print(f"\n{'metric':<22}{'value':>12}")
+    for key in keys:
+        value = metrics.get(key)
+        print(f"{key:<22}{'n/a' if value is None else f'{value:.4g}':>12}")
+    print(f"results in {out_dir}")
+
+
 def save_overlay(path: str | Path, image: Image.Image, amap: np.ndarray, mask: np.ndarray, title: str = "") -> None:
     """PNG of three panels: image | anomaly map over the image | ground truth. amap and mask are (S, S)."""
     import matplotlib

@@ -31,6 +31,8 @@ from evaluate import compute_metrics, normal_threshold, operating_point
 SIGMA = 4  # Gaussian blur of the upsampled anomaly map, in pixels (paper, Sec. 3.3 / official code)
 PROJECTION_DIM = 128  # coreset distances are computed on a random projection to this many dimensions
 N_STARTS = 10  # the approximate greedy coreset starts from the mean distance to this many random points
+TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
+              "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size")  # final table
 
 
 @dataclass
@@ -322,7 +324,7 @@ def run(args: argparse.Namespace) -> dict:
             (tmp / "maps").mkdir(exist_ok=True)
             data.save_overlay(tmp / "maps" / f"{rank:02d}_{test[i].defect_type}_{Path(test[i].path).stem}.png",
                               data.read_image(test[i].path), maps[i], masks[i], f"{test[i].rel}  score {scores[i]:.3f}")
-    print_table(metrics, out_dir)
+    data.print_table(metrics, TABLE_KEYS, out_dir)
     return metrics
 
 
@@ -340,16 +342,6 @@ def extractor_of(s: Settings) -> torch.nn.Module:
 def _default_layers(name: str) -> tuple[str, ...]:
     """The backbone's stride-8 and stride-16 layers (WRN50: layer2, layer3)."""
     return backbones.LITE0_LAYERS if name == "efficientnet_lite0" else backbones.TORCHVISION[name][2]
-
-
-def print_table(metrics: dict, out_dir: Path) -> None:
-    """The final aligned table, with the same numbers as metrics.json."""
-    print(f"\n{'metric':<22}{'value':>12}")
-    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
-                "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size"):
-        value = metrics.get(key)
-        print(f"{key:<22}{'n/a' if value is None else f'{value:.4g}':>12}")
-    print(f"results in {out_dir}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
