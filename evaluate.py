@@ -601,7 +601,8 @@ def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], categories: list[s
         fig, axes = plt.subplots(len(panels), 4, figsize=(8, 2.1 * len(panels)), squeeze=False)
         for row, (c, s, pc_map, cl_map) in zip(axes, panels):
             image = data.read_image(s.path).resize(pc_map.shape[::-1])
-            mask = data.mask_to_tensor(data.read_mask(s, data.read_image(s.path).size), pc_map.shape[0])[0]
+            mask = data.read_mask(s, data.read_image(s.path).size)
+            mask = data.mask_to_tensor(mask, pc_map.shape[0])[0].numpy()  # (S, S) as the maps
             row[0].imshow(image), row[1].imshow(mask, cmap="gray")
             row[2].imshow(image), row[2].imshow(pc_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
             row[3].imshow(image.resize(cl_map.shape[::-1])), row[3].imshow(cl_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
