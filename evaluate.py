@@ -2,13 +2,12 @@
 
 For each category and scenario (all defect types seen, an unseen defect type, few-shot) it calls the public `run()`
 of both scripts, then tabulates image AUROC, AP, F1-max, recall/FPR at a threshold fixed on normal images only, and
-pixel AUROC / AUPRO. The metrics section below is the one implementation of each metric for the whole project.
+pixel AUROC / AUPRO, writes results.csv, report.md and plots. The metrics section below is the one implementation of
+each metric for the whole project.
 
-    python evaluate.py --data-root /data/mvtec --category bottle --out-dir runs           # full study (GPU)
-    python evaluate.py --data-root /tmp/s --category weave --image-size 64 --device cpu   # tiny study on a CPU
-    python -m pytest -q tests/test_metrics.py                                             # the metric tests
-
-(The study part, `run()`/`parse_args()`/`main()`, is not written yet; today this file holds the metrics.)
+    python evaluate.py --demo                                      # synthetic data, reduced study, CPU, ~4 min
+    python evaluate.py --data-root ~/mvtec --categories bottle,screw --seeds 0,1,2 --out-dir runs/study   # GPU
+    python evaluate.py --runs runs/study                           # rebuild tables and plots from saved runs
 """
 from __future__ import annotations
 
@@ -216,7 +215,10 @@ DEMO = dict(categories="weave,washer", scenarios="all-types,unseen-type,few-shot
 
 def parse_k(text: str) -> list[int | None]:
     """'1,5,all' -> [1, 5, None] (None: the whole pool of each defect type)."""
-    return [None if k.strip() == "all" else int(k) for k in text.split(",") if k.strip()]
+    try:
+        return [None if k.strip() == "all" else int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise data.DataError(f"expected comma-separated whole numbers (or 'all'), got '{text}'") from None
 
 
 def k_tag(k: int | None) -> str:
@@ -273,9 +275,12 @@ def run_study(args) -> None:
               "--weights", args.weights]
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     loaded = {c: data.load_category(args.data_root, c) for c in categories}  # bad input fails before any training
+    seeds = parse_k(args.seeds)
+    if None in seeds:
+        raise data.DataError(f"--seeds takes whole numbers, got '{args.seeds}'")
     for category in categories:
         _, test = loaded[category]
-        for seed in map(int, args.seeds.split(",")):
+        for seed in seeds:
             base = Path(args.out_dir) / category / f"seed{seed}"
             (base / "splits").mkdir(parents=True, exist_ok=True)
             splits = plan_splits(test, category, seed, args)
