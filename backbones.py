@@ -203,14 +203,14 @@ class FeatureExtractor(nn.Module):
         return [self._out[layer] for layer in self.layers]
 
 
+def default_layers(name: str) -> tuple[str, ...]:
+    """PatchCore's layers of a backbone: its last blocks at stride 8 and 16 (WRN50: layer2, layer3)."""
+    return LITE0_LAYERS if name == "efficientnet_lite0" else TORCHVISION[name][2]
+
+
 def feature_extractor(name: str, weights: str = "imagenet", layers: tuple[str, ...] | None = None) -> FeatureExtractor:
     """PatchCore's frozen extractor: the mid-level layers (stride 8 and 16) of a pretrained backbone, in eval mode."""
-    model = build_model(name, weights)
-    if name == "efficientnet_lite0":
-        layers = layers or LITE0_LAYERS
-    else:
-        layers = layers or TORCHVISION[name][2]
-    extractor = FeatureExtractor(model, layers).eval()
+    extractor = FeatureExtractor(build_model(name, weights), layers or default_layers(name)).eval()
     for p in extractor.parameters():
         p.requires_grad_(False)
     return extractor

@@ -596,7 +596,7 @@ def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], categories: list[s
             first.setdefault(t, p)
         samples = [next(s for s in test if s.path == first[t]) for t in sorted(first) if t != "good"]
         bank = patchcore.MemoryBank.load(pc_dir, dev)
-        _, pc_maps = patchcore.score(bank, samples, dev, 8, "heatmaps")
+        _, pc_maps, _ = patchcore.score(bank, samples, dev, 8, "heatmaps")
         ckpt = classify.Checkpoint.load(cl_dir / "model.pt")
         model, cam_layer = ckpt.build(dev)
         _, cl_maps = classify.score(model, cam_layer, samples, ckpt.backbone, ckpt.image_size, dev)

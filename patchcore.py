@@ -158,14 +158,17 @@ class NearestNeighbours:
         sq, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return np.sqrt(np.maximum(sq, 0)), idx
 
+    def cpu_index(self) -> faiss.Index:
+        """The index on the CPU (a copy when it lives on the GPU)."""
+        return faiss.index_gpu_to_cpu(self.index) if hasattr(self, "resources") else self.index
+
     def vectors(self, idx: np.ndarray) -> np.ndarray:
         """Bank rows by index: (...,) -> (..., D)."""
-        cpu = faiss.index_gpu_to_cpu(self.index) if hasattr(self, "resources") else self.index
+        cpu = self.cpu_index()
         return np.stack([cpu.reconstruct(int(i)) for i in idx.ravel()]).reshape(*idx.shape, -1)
 
     def save(self, path: Path) -> None:
-        cpu = faiss.index_gpu_to_cpu(self.index) if hasattr(self, "resources") else self.index
-        faiss.write_index(cpu, str(path))
+        faiss.write_index(self.cpu_index(), str(path))
 
     @classmethod
     def load(cls, path: Path, device: torch.device) -> "NearestNeighbours":
@@ -244,12 +247,13 @@ def reweight(nn: NearestNeighbours, query: np.ndarray, dist: float, idx: int, k:
 
 
 def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device, batch_size: int,
-          desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
-    """Image scores (N,) and anomaly maps (N, S, S) of samples. Every image is scored on its own: batch-independent."""
+          desc: str = "scoring") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image scores (N,), anomaly maps (N, S, S) and ground-truth masks (N, S, S) bool of samples (all zero for good
+    images and missing masks). Every image is scored on its own: batch-independent."""
     s = bank.settings
     extractor = backbones.feature_extractor(s.backbone, s.weights, s.layers).to(device)
     loader = data.make_loader(samples, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop)
-    scores, maps = [], []
+    scores, maps, masks = [], [], []
     for batch in tqdm(loader, desc=desc, disable=None, leave=False):
         images = batch["image"].to(device)
         f, grid = embed(extractor, images, s)  # (B, H*W, D)
@@ -263,19 +267,11 @@ def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device
         patch_map = torch.from_numpy(dist).view(-1, 1, *grid)  # (B, 1, H, W)
         up = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, S, S)
         maps += [gaussian_filter(m, sigma=SIGMA) for m in up[:, 0].numpy()]
-    return np.array(scores, dtype=np.float64), np.stack(maps).astype(np.float32)
+        masks.append(batch["mask"][:, 0].numpy() > 0)  # (B, 1, S, S) -> (B, S, S)
+    return np.array(scores, dtype=np.float64), np.stack(maps).astype(np.float32), np.concatenate(masks)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def masks_of(samples: Sequence[data.Sample], image_size: int, center_crop: int | None) -> np.ndarray:
-    """Ground-truth masks at the model's resolution: (N, S, S) bool (all zero for good images and missing masks)."""
-    out = []
-    for s in samples:
-        size = data.read_image(s.path).size
-        out.append(data.mask_to_tensor(data.read_mask(s, size), image_size, center_crop)[0].numpy() > 0)
-    return np.stack(out)
-
-
 def run(args: argparse.Namespace) -> dict:
     """Fit (or --load) a memory bank, score the test or evaluation images, write the result files; return metrics."""
     torch.manual_seed(args.seed)
@@ -296,7 +292,7 @@ def run(args: argparse.Namespace) -> dict:
             bank = MemoryBank.load(args.load, device)
             print(f"loaded memory bank of {len(bank.nn)} patches from {args.load} (its settings override the flags)")
         else:
-            settings = Settings(args.backbone, args.weights, tuple(args.layers or ()) or _default_layers(args.backbone),
+            settings = Settings(args.backbone, args.weights, tuple(args.layers or ()) or backbones.default_layers(args.backbone),
                                 args.image_size, args.center_crop, args.patch_size, args.pretrain_dim,
                                 args.target_dim, args.coreset_ratio, args.reweight, args.reweight_k, args.seed)
             bank = fit(train, settings, device, args.batch_size)
@@ -305,10 +301,9 @@ def run(args: argparse.Namespace) -> dict:
 
         # Score: every test (or evaluation) image, then the metrics shared with classify.py
         t0 = time.perf_counter()
-        scores, maps = score(bank, test, device, args.batch_size)
+        scores, maps, masks = score(bank, test, device, args.batch_size)
         ms_per_image = 1000 * (time.perf_counter() - t0) / len(test)
         s = bank.settings
-        masks = masks_of(test, s.image_size, s.center_crop)
         labels = np.array([x.label for x in test])
         metrics = compute_metrics(labels, scores, masks, maps, np.array([x.has_mask for x in test]))
         # A deployable threshold needs normal images that are neither in the bank nor evaluated: the split's pool.
@@ -343,11 +338,6 @@ def extractor_of(s: Settings) -> torch.nn.Module:
             module.register_forward_hook(lambda m, i, o: ran.add(m))
     extractor(torch.zeros(1, 3, 64, 64))
     return torch.nn.ModuleList(ran)
-
-
-def _default_layers(name: str) -> tuple[str, ...]:
-    """The backbone's stride-8 and stride-16 layers (WRN50: layer2, layer3)."""
-    return backbones.LITE0_LAYERS if name == "efficientnet_lite0" else backbones.TORCHVISION[name][2]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

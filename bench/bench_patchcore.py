@@ -34,7 +34,7 @@ def one(args: argparse.Namespace) -> dict:
                                 n_defect=1, categories=("weave",))
         train, test = data.load_category(tmp, "weave")
         test = test[:args.n_test]
-        s = patchcore.Settings(args.backbone, args.weights, patchcore._default_layers(args.backbone), args.size,
+        s = patchcore.Settings(args.backbone, args.weights, backbones.default_layers(args.backbone), args.size,
                                None, 3, 1024, 1024, args.ratio, False, 9, 0)
         t = {}
         t0 = time.perf_counter()

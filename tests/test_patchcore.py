@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 
 
 def settings(size=64, ratio=0.1, backbone="efficientnet_lite0", weights="imagenet", seed=0, reweight=False):
-    return patchcore.Settings(backbone, weights, patchcore._default_layers(backbone), size, None, 3, 1024, 1024,
+    return patchcore.Settings(backbone, weights, backbones.default_layers(backbone), size, None, 3, 1024, 1024,
                               ratio, reweight, 9, seed)
 
 
@@ -86,7 +86,7 @@ def test_embed_shape_is_stride_8_grid(backbone, weights):
 def test_training_image_scores_zero_against_its_own_patches(synth_root):
     train, _ = data.load_category(synth_root, "weave")
     bank = patchcore.fit(train[:1], settings(ratio=1.0), CPU, 4)
-    scores, maps = patchcore.score(bank, train[:2], CPU, 4)
+    scores, maps, _ = patchcore.score(bank, train[:2], CPU, 4)
     assert len(bank.nn) == 64  # 8 x 8 patches of one 64 px image, all kept
     assert scores[0] < 0.01 * scores[1]  # itself: ~0 (float16 storage); another normal image: clearly not
     assert maps.shape == (2, 64, 64)
@@ -107,10 +107,9 @@ def fitted_128(synth_root_128):
 def test_defects_score_higher_and_maps_peak_in_the_mask(fitted_128, category):
     from evaluate import image_auroc
     from scipy.ndimage import binary_dilation
-    _, test, scores, maps = fitted_128[category]
+    _, test, scores, maps, masks = fitted_128[category]
     labels = np.array([s.label for s in test])
     assert image_auroc(labels, scores) >= 0.9
-    masks = patchcore.masks_of(test, 128, None)
     hits = []
     for i in np.flatnonzero(labels):
         peak = np.unravel_index(maps[i].argmax(), maps[i].shape)
@@ -119,8 +118,8 @@ def test_defects_score_higher_and_maps_peak_in_the_mask(fitted_128, category):
 
 
 def test_batch_size_seed_and_save_load_give_identical_scores(fitted_128, synth_root_128, tmp_path):
-    bank, test, scores, maps = fitted_128["weave"]
-    one, maps_one = patchcore.score(bank, test, CPU, 1)
+    bank, test, scores, maps, _ = fitted_128["weave"]
+    one, maps_one, _ = patchcore.score(bank, test, CPU, 1)
     assert np.array_equal(one, scores) and np.array_equal(maps_one, maps)
     train, _ = data.load_category(synth_root_128, "weave")
     refit = patchcore.fit(train, settings(size=128), CPU, 8)
