@@ -2,8 +2,8 @@
 
 For each category and scenario (all defect types seen, an unseen defect type, few-shot) it calls the public `run()`
 of both scripts, then tabulates image AUROC, AP, F1-max, recall/FPR at a threshold fixed on normal images only, and
-pixel AUROC / AUPRO, writes results.csv, report.md and plots. The metrics section below is the one implementation of
-each metric for the whole project.
+pixel AUROC / AUPRO (all from metrics.py), writes results.csv, report.md and plots. It is the only file that
+imports the two methods.
 
     python evaluate.py --demo                                      # synthetic data, reduced study, CPU, ~4 min
     python evaluate.py --data-root ~/mvtec --categories bottle,screw --seeds 0,1,2 --out-dir runs/study   # GPU
@@ -16,186 +16,16 @@ import csv
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+import backbones
+import classify
 import data
-
-NORMAL_QUANTILE = 0.99  # deployable threshold: at most 1% of held-out normal images score above it
-AUPRO_FPR_LIMIT = 0.3   # Bergmann et al. (MVTec AD, IJCV 2021) integrate the PRO curve up to 30% pixel FPR
-PIXEL_CHUNK = 1 << 20   # anomalous pixels handled per step in the curve integral: bounds memory at any defect size
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics. Labels: 0 good, 1 defect. Scores and maps: higher = more anomalous; a sample is flagged at score >= t.
-# ----------------------------------------------------------------------------------------------------------------
-def _binary(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (N,) int in {0, 1} and scores (N,) float, checked; both classes must be present."""
-    labels, scores = np.asarray(labels).ravel(), np.asarray(scores, dtype=np.float64).ravel()
-    if labels.shape != scores.shape:
-        raise ValueError(f"got {labels.size} labels but {scores.size} scores; expected one score per image.")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"labels must be 0 (good) or 1 (defect), got values {np.unique(labels).tolist()}.")
-    if np.isnan(scores).any():
-        raise ValueError("scores contain NaN; every image needs a score.")
-    if np.unique(labels).size < 2:
-        raise ValueError(f"only one class present among {labels.size} labels ({np.unique(labels).tolist()}); "
-                         "image metrics need both good and defect images.")
-    return labels.astype(np.int64), scores
-
-
-def image_auroc(labels, scores) -> float:
-    """Area under the ROC curve of image scores (0.5 = chance, 1 = every defect scores above every good image)."""
-    labels, scores = _binary(labels, scores)
-    return float(roc_auc_score(labels, scores))
-
-
-def average_precision(labels, scores) -> float:
-    """Average precision (area under the precision-recall curve, step-wise as in sklearn)."""
-    labels, scores = _binary(labels, scores)
-    return float(average_precision_score(labels, scores))
-
-
-def f1_max(labels, scores) -> tuple[float, float]:
-    """Best F1 over all thresholds and the (lowest) threshold reaching it; an oracle bound, since it peeks at labels."""
-    labels, scores = _binary(labels, scores)
-    precision, recall, thresholds = precision_recall_curve(labels, scores)  # (T+1,), (T+1,), (T,)
-    # The last point (precision 1, recall 0) has no threshold; drop it. P + R = 0 (no true positive) gives F1 = 0.
-    precision, recall = precision[:-1], recall[:-1]  # (T+1,) -> (T,)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
-
-
-def operating_point(labels, scores, threshold: float) -> dict:
-    """Recall (TPR) and false positive rate when images with score >= threshold are flagged as defects."""
-    labels, scores = _binary(labels, scores)
-    flagged = scores >= threshold
-    return {"threshold": float(threshold),
-            "recall": float(flagged[labels == 1].mean()),
-            "fpr": float(flagged[labels == 0].mean())}
-
-
-def normal_threshold(normal_scores, quantile: float = NORMAL_QUANTILE) -> float:
-    """Deployable threshold from held-out normal images only: just above their `quantile` (an observed score)."""
-    # Why this rule: a production line knows good parts, not tomorrow's defects, so the threshold may only use
-    # held-out normal images (never test anomalies). We take an observed score (method="higher": no interpolation)
-    # and move one float step up, so that with `score >= threshold` at most a fraction 1 - quantile of held-out
-    # normal images would be flagged. With up to 100 held-out images, quantile=0.99 is simply their max score: no
-    # known-good image is rejected; with more, a single odd normal image can no longer drag the threshold up.
-    scores = np.asarray(normal_scores, dtype=np.float64).ravel()
-    if scores.size == 0 or not np.isfinite(scores).all():
-        raise ValueError(f"need at least one finite held-out normal score, got {scores.size} scores with "
-                         f"{int((~np.isfinite(scores)).sum())} not finite.")
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}.")
-    return float(np.nextafter(np.quantile(scores, quantile, method="higher"), np.inf))
-
-
-def _pixels(masks, maps) -> tuple[np.ndarray, np.ndarray]:
-    """Masks (N, H, W) as bool and maps (N, H, W) as given (float32 keeps 512 px studies small), checked."""
-    masks, maps = np.asarray(masks).astype(bool, copy=False), np.asarray(maps)
-    if masks.ndim != 3 or masks.shape != maps.shape:
-        raise ValueError(f"masks {masks.shape} and maps {maps.shape} must have the same shape (N, H, W).")
-    if not np.issubdtype(maps.dtype, np.floating):
-        maps = maps.astype(np.float32)
-    if np.isnan(maps).any():
-        raise ValueError("anomaly maps contain NaN; every pixel needs a score.")
-    return masks, maps
-
-
-def _area_under_curve(neg: np.ndarray, pos: np.ndarray, weights: np.ndarray, fpr_limit: float) -> float:
-    """Area under y(t) = sum of weights of positives >= t vs FPR(t), for FPR <= fpr_limit; sorts neg in place."""
-    # The curve is drawn through one point per distinct threshold t, so tied scores form one straight segment
-    # (as sklearn's roc_curve and the MVTec AD evaluation code do), and is cut at exactly FPR = fpr_limit.
-    # y is a sum over positives, so the trapezoid area is too: positive i (score s) starts counting at
-    # FPR_gt(s) = #neg > s and is fully counted from FPR_ge(s) = #neg >= s (both / n_neg), linearly in between.
-    # Its area up to limit L is w * (L - (FPR_gt + FPR_ge) / 2) when FPR_ge <= L (for L = 1 that is the
-    # Mann-Whitney U statistic, i.e. the ROC AUC), a triangle when the tie segment crosses L, else 0.
-    # Only the normal scores are sorted (once); each positive is located in them by binary search.
-    neg.sort()  # (n_neg,) ascending, in place: callers pass a fresh copy, and 39M float32 pixels are 150 MiB
-    n_neg, area = neg.size, 0.0
-    for start in range(0, pos.size, PIXEL_CHUNK):
-        s, w = pos[start:start + PIXEL_CHUNK], weights[start:start + PIXEL_CHUNK]  # (c,), (c,)
-        fpr_ge = (n_neg - np.searchsorted(neg, s, side="left")) / n_neg   # (c,) negatives scoring >= s
-        fpr_gt = (n_neg - np.searchsorted(neg, s, side="right")) / n_neg  # (c,) negatives scoring > s
-        full = fpr_ge <= fpr_limit
-        area += float(np.sum(w[full] * (fpr_limit - (fpr_gt[full] + fpr_ge[full]) / 2)))
-        part = ~full & (fpr_gt < fpr_limit)  # the tie segment that crosses the limit (possible only with ties)
-        area += float(np.sum(w[part] * (fpr_limit - fpr_gt[part]) ** 2 / (2 * (fpr_ge[part] - fpr_gt[part]))))
-    return area
-
-
-def pixel_auroc(masks, maps) -> float:
-    """ROC AUC over all pixels of all images (masks (N, H, W) 0/1, maps (N, H, W) float); ties count half."""
-    masks, maps = _pixels(masks, maps)
-    pos = maps[masks]  # (N, H, W) -> (n_pos,)
-    if pos.size == 0 or pos.size == masks.size:
-        raise ValueError(f"pixel AUROC needs anomalous and normal pixels, got {pos.size} anomalous "
-                         f"of {masks.size}.")
-    weights = np.full(pos.size, 1.0 / pos.size)  # (n_pos,) y(t) = TPR(t)
-    return _area_under_curve(maps[~masks], pos, weights, fpr_limit=1.0)
-
-
-def aupro(masks, maps, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
-    """Area under the per-region-overlap (PRO) curve up to pixel FPR = fpr_limit, divided by fpr_limit (perfect = 1)."""
-    # Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021, Sec. 5.2. PRO(t) = mean over all ground-truth
-    # regions of the fraction of the region's pixels scoring >= t; FPR(t) is over the normal pixels of all images.
-    # Regions are the connected components of each mask with scipy.ndimage.label's default structure, i.e.
-    # 4-connectivity (as the official MVTec AD evaluation code). Since PRO(t) = sum over anomalous pixels p >= t
-    # of w_p = 1 / (|region(p)| * n_regions), the PRO curve is the weighted TPR curve of _area_under_curve: exact,
-    # every distinct threshold, no threshold grid.
-    if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}.")
-    masks, maps = _pixels(masks, maps)
-    pos, region_size, n_regions = [], [], 0
-    for mask, amap in zip(masks, maps):
-        regions, n = ndimage.label(mask)  # (H, W) int: 0 background, 1..n regions
-        if n:
-            sizes = np.bincount(regions.ravel())  # (n + 1,) pixels per region id
-            pos.append(amap[mask])  # (H, W) -> (n_pos_i,) in the same C order as the line below
-            region_size.append(sizes[regions[mask]])  # (H, W) -> (n_pos_i,) size of each pixel's region
-            n_regions += n
-    if n_regions == 0 or masks.all():
-        raise ValueError(f"AUPRO needs at least one anomalous region and one normal pixel, got {n_regions} regions "
-                         f"and {int((~masks).sum())} normal pixels.")
-    pos, region_size = np.concatenate(pos), np.concatenate(region_size)  # (n_pos,), (n_pos,)
-    weights = 1.0 / (region_size * float(n_regions))  # (n_pos,) each region's pixels sum to 1 / n_regions
-    return _area_under_curve(maps[~masks], pos, weights, fpr_limit) / fpr_limit
-
-
-def compute_metrics(labels, scores, masks=None, maps=None, has_mask=None) -> dict:
-    """The metrics.json dict of classify.py and patchcore.py: image metrics, and pixel metrics where masks exist."""
-    # Pixel metrics use only images with a mask: good images (all-zero mask) and defect images whose mask file was
-    # found; has_mask (N,) False marks defect images without one (their placeholder mask would call every pixel
-    # normal). They are None without masks or maps, or when the kept pixels are all normal (or all anomalous).
-    labels, scores = _binary(labels, scores)
-    f1, f1_threshold = f1_max(labels, scores)
-    pixel, pro, n_pixel_images = None, None, 0
-    if masks is not None and maps is not None:
-        masks, maps = _pixels(masks, maps)
-        keep = np.ones(len(masks), bool) if has_mask is None else np.asarray(has_mask, bool).ravel()  # (N,)
-        if not len(masks) == len(keep) == len(labels):
-            raise ValueError(f"got {len(labels)} labels, {len(masks)} masks and {len(keep)} has_mask flags; "
-                             "expected one of each per image.")
-        if not keep.all():
-            masks, maps = masks[keep], maps[keep]  # (N, H, W) -> (N_kept, H, W)
-        n_pixel_images = int(keep.sum())
-        if masks.any() and not masks.all():
-            pixel, pro = pixel_auroc(masks, maps), aupro(masks, maps)
-    return {"image_auroc": image_auroc(labels, scores),
-            "average_precision": average_precision(labels, scores),
-            "f1_max": f1,
-            "f1_threshold": f1_threshold,
-            "pixel_auroc": pixel,
-            "aupro": pro,
-            "n_images": int(labels.size),
-            "n_defects": int(labels.sum()),
-            "n_pixel_images": n_pixel_images}
+import metrics
+import patchcore
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,20 +87,9 @@ def plan_splits(test, category: str, seed: int, args) -> list[dict]:
     return splits
 
 
-def run_once(run_dir: Path, info: dict, call) -> None:
-    """Run one script unless its results exist (resumable), then record what the run was in study.json."""
-    if (run_dir / "metrics.json").is_file() and (run_dir / "study.json").is_file():
-        print(f"[skip] {run_dir} exists")
-        return
-    print(f"\n=== {info['method']} {info['category']} seed {info['seed']} {info['tag']} -> {run_dir}", flush=True)
-    call()
-    data.write_json(run_dir / "study.json", info)
-
-
 def run_study(args) -> None:
-    """Every run of the study: PatchCore once per (category, seed) plus its unseen-type subsets, the classifier per split."""
-    import classify
-    import patchcore
+    """Every run of the study: PatchCore once per (category, seed), the classifier once per split. PatchCore's
+    unseen-type results are its all-types scores restricted to the same images (collect), not another pass."""
     common = ["--data-root", str(args.data_root), "--image-size", str(args.image_size), "--device", args.device,
               "--weights", args.weights]
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
@@ -278,6 +97,7 @@ def run_study(args) -> None:
     seeds = parse_k(args.seeds)
     if None in seeds:
         raise data.DataError(f"--seeds takes whole numbers, got '{args.seeds}'")
+    jobs = []  # (run folder, study.json info, the call), planned first so that progress can be estimated
     for category in categories:
         _, test = loaded[category]
         for seed in seeds:
@@ -288,32 +108,46 @@ def run_study(args) -> None:
                 data.write_split({k: v for k, v in split.items() if k not in ("tag", "role", "reference")},
                                  base / "splits" / f"{split['tag']}.json")
             info = dict(category=category, seed=seed, data_root=str(args.data_root))
-            # PatchCore never sees a defect: fit once on train/good, score the all-types evaluation set ...
-            pc_all = base / "patchcore" / "all"
+            # PatchCore never sees a defect: fit once on train/good, score the all-types evaluation set
             data.write_split(data.make_split(test, category, seed, "all-types", None), base / "splits" / "all.json")
             pc_args = common + ["--category", category, "--backbone", args.patchcore_backbone, "--seed", str(seed),
-                                "--coreset-ratio", str(args.coreset_ratio), "--batch-size", str(args.batch_size)]
-            run_once(pc_all, {**info, "method": "patchcore", "tag": "all", "role": "all-types", "n_labelled": 0},
-                     lambda: patchcore.run(patchcore.parse_args(pc_args + [
-                         "--split", str(base / "splits" / "all.json"), "--out-dir", str(pc_all)])))
-            # ... and reuse its memory bank on each unseen-type evaluation set (a subset of the same images)
-            for split in (s for s in splits if s["role"] == "unseen-type"):
-                run_dir = base / "patchcore" / f"unseen-{split['held_out']}"
-                run_once(run_dir, {**info, "method": "patchcore", "tag": run_dir.name, "role": "unseen-type",
-                                   "held_out": split["held_out"], "n_labelled": 0},
-                         lambda: patchcore.run(patchcore.parse_args(pc_args + [
-                             "--split", str(base / "splits" / f"{split['tag']}.json"), "--load", str(pc_all),
-                             "--out-dir", str(run_dir)])))
+                                "--coreset-ratio", str(args.coreset_ratio), "--batch-size", str(args.batch_size),
+                                "--split", str(base / "splits" / "all.json"), "--out-dir", str(base / "patchcore" / "all")]
+            jobs.append((base / "patchcore" / "all",
+                         {**info, "method": "patchcore", "tag": "all", "role": "all-types", "n_labelled": 0},
+                         lambda a=pc_args: patchcore.run(patchcore.parse_args(a))))
             # The classifier: one training run per split
             for split in splits:
                 run_dir = base / "classify" / split["tag"]
-                run_once(run_dir, {**info, "method": "classifier", "tag": split["tag"], "role": split["role"],
-                                   "held_out": split["held_out"], "reference": split.get("reference"),
-                                   "n_labelled": len(split["train_defects"])},
-                         lambda: classify.run(classify.parse_args(common + [
-                             "--category", category, "--backbone", args.classifier_backbone, "--seed", str(seed),
-                             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                             "--split", str(base / "splits" / f"{split['tag']}.json"), "--out-dir", str(run_dir)])))
+                cl_args = common + ["--category", category, "--backbone", args.classifier_backbone, "--seed",
+                                    str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                                    "--split", str(base / "splits" / f"{split['tag']}.json"), "--out-dir", str(run_dir)]
+                jobs.append((run_dir, {**info, "method": "classifier", "tag": split["tag"], "role": split["role"],
+                                       "held_out": split["held_out"], "reference": split.get("reference"),
+                                       "n_labelled": len(split["train_defects"])},
+                             lambda a=cl_args: classify.run(classify.parse_args(a))))
+    seconds = {}  # method -> durations of the runs done in this call, for the estimate of the time left
+    for i, (run_dir, info, call) in enumerate(jobs):
+        if (run_dir / "metrics.json").is_file() and (run_dir / "study.json").is_file():
+            print(f"[skip] {run_dir} exists")  # resumable: finished runs are kept
+            continue
+        left = [j[1]["method"] for j in jobs[i:] if not (j[0] / "study.json").is_file()]
+        print(f"\n=== [{i + 1}/{len(jobs)}] {info['method']} {info['category']} seed {info['seed']} {info['tag']} "
+              f"-> {run_dir}{time_left(left, seconds)}", flush=True)
+        t0 = time.perf_counter()
+        call()
+        data.write_json(run_dir / "study.json", info)
+        seconds.setdefault(info["method"], []).append(time.perf_counter() - t0)
+
+
+def time_left(methods: list[str], seconds: dict[str, list[float]]) -> str:
+    """'; about 1 h 20 min left': the runs still to do, each at the mean duration of its method's finished runs."""
+    done = [t for ts in seconds.values() for t in ts]
+    if not done:
+        return ""
+    left = sum(np.mean(seconds.get(m, done)) for m in methods)
+    return f"; about {int(left // 3600)} h {int(left % 3600 // 60)} min left" if left >= 3600 else \
+        f"; about {int(left // 60)} min {int(left % 60)} s left"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,10 +163,11 @@ def read_scores(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarr
 
 def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:
     """The image-level metrics of one run, from its scores (the same functions as the scripts use)."""
-    out = {"image_auroc": image_auroc(labels, scores), "average_precision": average_precision(labels, scores),
-           "f1_max": f1_max(labels, scores)[0]}
+    out = {"image_auroc": metrics.image_auroc(labels, scores),
+           "average_precision": metrics.average_precision(labels, scores),
+           "f1_max": metrics.f1_max(labels, scores)[0]}
     if threshold is not None:
-        point = operating_point(labels, scores, threshold)
+        point = metrics.operating_point(labels, scores, threshold)
         out.update(recall_at_threshold=point["recall"], fpr_at_threshold=point["fpr"])
     return out
 
@@ -352,12 +187,12 @@ def collect(study_dir: Path) -> list[dict]:
     references = {(i["category"], i["seed"], i["reference"]) for _, i in infos if i.get("reference")}
     held_out = {(i["category"], i["seed"], i["held_out"]) for _, i in infos if i["role"] == "unseen-type"}
     for run_dir, info in infos:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        saved = json.loads((run_dir / "metrics.json").read_text())
         _, labels, types, scores = read_scores(run_dir / "scores.csv")
-        values = image_metrics(labels, scores, metrics.get("threshold"))
-        values.update({k: metrics.get(k) for k in ("pixel_auroc", "aupro", "ms_per_image", "params_millions",
-                                                    "peak_rss_mb")})
-        values["train_seconds"] = metrics.get("train_seconds", metrics.get("fit_seconds"))
+        values = image_metrics(labels, scores, saved.get("threshold"))
+        values.update({k: saved.get(k) for k in ("pixel_auroc", "aupro", "ms_per_image", "params_millions",
+                                                  "peak_rss_mb")})
+        values["train_seconds"] = saved.get("train_seconds", saved.get("fit_seconds"))
         values["n_labelled"] = info["n_labelled"]
         key = dict(category=info["category"], method=info["method"], seed=info["seed"], tag=info["tag"],
                    held_out=info.get("held_out"), n_labelled=info["n_labelled"])
@@ -369,7 +204,7 @@ def collect(study_dir: Path) -> list[dict]:
             for t in sorted(t for t in set(types) if (info["category"], info["seed"], t) in held_out):
                 keep = (types == "good") | (types == t)
                 rows.append({**key, "scenario": "seen-type", "held_out": t, "metric": "image_auroc",
-                             "value": image_auroc(labels[keep], scores[keep])})
+                             "value": metrics.image_auroc(labels[keep], scores[keep])})
     return rows
 
 
@@ -558,9 +393,6 @@ def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], categories: list[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
-    import backbones
-    import classify
-    import patchcore
     written, pairs = [], []
     for c in categories:
         tags = classifier_ks(rows, "all-types", [c])
@@ -575,7 +407,7 @@ def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], categories: list[s
         for name, d in (("PatchCore", pc_dir), (f"classifier {cl_dir.name}", cl_dir)):
             _, labels, _, scores = read_scores(d / "scores.csv")
             fpr, tpr, _ = roc_curve(labels, scores)
-            ax.plot(fpr, tpr, label=f"{name} ({image_auroc(labels, scores):.3f})")
+            ax.plot(fpr, tpr, label=f"{name} ({metrics.image_auroc(labels, scores):.3f})")
         ax.plot([0, 1], [0, 1], color="gray", lw=0.5)
         ax.set(title=c, xlabel="false positive rate", ylabel="true positive rate")
         ax.legend(fontsize=8, loc="lower right")
@@ -656,8 +488,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k-values", default="1,5,10", help="all-types: labelled defects per type ('all' = whole pool)")
     p.add_argument("--few-shot-k", default="1,2,5,10,all", help="few-shot curve: labelled defects per type")
     p.add_argument("--unseen-k", type=int, default=10, help="unseen-type: labelled defects per other type")
-    p.add_argument("--classifier-backbone", choices=backbones_names(), default="efficientnet_b1")
-    p.add_argument("--patchcore-backbone", choices=backbones_names(), default="wide_resnet50_2")
+    p.add_argument("--classifier-backbone", choices=backbones.BACKBONES, default="efficientnet_b1")
+    p.add_argument("--patchcore-backbone", choices=backbones.BACKBONES, default="wide_resnet50_2")
     p.add_argument("--weights", default="imagenet", help="imagenet or none (random init, for tests)")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=30, help="classifier training epochs")
@@ -670,11 +502,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         for k, v in DEMO.items():
             setattr(args, k, v)
     return args
-
-
-def backbones_names() -> tuple[str, ...]:
-    import backbones
-    return backbones.BACKBONES
 
 
 def run(args: argparse.Namespace) -> str:

@@ -1,4 +1,4 @@
-"""The metric functions of evaluate.py: hand-computed cases, sklearn cross-checks, and a brute-force AUPRO."""
+"""The metric functions of metrics.py: hand-computed cases, sklearn cross-checks, and a brute-force AUPRO."""
 import json
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-import evaluate
+import metrics
 
 LABELS = [0, 0, 1, 1]
 SCORES = [0.1, 0.4, 0.35, 0.8]
@@ -37,62 +37,62 @@ def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> fl
 # --- image metrics ------------------------------------------------------------------------------------------------
 def test_image_auroc_by_hand():
     # Defect/good pairs: (0.35 > 0.1) yes, (0.35 > 0.4) no, (0.8 > 0.1) yes, (0.8 > 0.4) yes -> 3 of 4.
-    assert evaluate.image_auroc(LABELS, SCORES) == pytest.approx(0.75)
+    assert metrics.image_auroc(LABELS, SCORES) == pytest.approx(0.75)
 
 
 def test_image_auroc_perfect_inverted_and_ties():
-    assert evaluate.image_auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
-    assert evaluate.image_auroc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
-    assert evaluate.image_auroc([0, 1], [0.5, 0.5]) == 0.5  # a tie counts half
+    assert metrics.image_auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert metrics.image_auroc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert metrics.image_auroc([0, 1], [0.5, 0.5]) == 0.5  # a tie counts half
 
 
 def test_single_class_raises():
     with pytest.raises(ValueError, match="only one class"):
-        evaluate.image_auroc([1, 1, 1], [0.1, 0.2, 0.3])
+        metrics.image_auroc([1, 1, 1], [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="only one class"):
-        evaluate.average_precision([0, 0], [0.1, 0.2])
+        metrics.average_precision([0, 0], [0.1, 0.2])
 
 
 def test_average_precision_by_hand():
     # Ranked: 0.8 (defect, P=1, R=.5), 0.4 (good), 0.35 (defect, P=2/3, R=1): AP = .5*1 + .5*2/3.
-    assert evaluate.average_precision(LABELS, SCORES) == pytest.approx(0.5 + 1 / 3)
+    assert metrics.average_precision(LABELS, SCORES) == pytest.approx(0.5 + 1 / 3)
 
 
 def test_f1_max_by_hand():
     # t=0.1: P=2/4 R=1 F1=.667; t=0.35: P=2/3 R=1 F1=.8; t=0.4: P=1/2 R=1/2 F1=.5; t=0.8: P=1 R=1/2 F1=.667.
-    f1, threshold = evaluate.f1_max(LABELS, SCORES)
+    f1, threshold = metrics.f1_max(LABELS, SCORES)
     assert f1 == pytest.approx(0.8)
     assert threshold == pytest.approx(0.35)
 
 
 @pytest.mark.filterwarnings("error")  # precision = recall = 0 at t=0.9 must not divide by zero
 def test_f1_max_zero_precision_and_recall():
-    f1, threshold = evaluate.f1_max([1, 0], [0.1, 0.9])  # t=0.9: P=0 R=0 -> F1 0; t=0.1: P=1/2 R=1 -> 2/3
+    f1, threshold = metrics.f1_max([1, 0], [0.1, 0.9])  # t=0.9: P=0 R=0 -> F1 0; t=0.1: P=1/2 R=1 -> 2/3
     assert f1 == pytest.approx(2 / 3)
     assert threshold == pytest.approx(0.1)
 
 
 def test_operating_point_by_hand():
-    at_04 = evaluate.operating_point(LABELS, SCORES, 0.4)  # flagged: 0.4 (good), 0.8 (defect)
+    at_04 = metrics.operating_point(LABELS, SCORES, 0.4)  # flagged: 0.4 (good), 0.8 (defect)
     assert at_04["recall"] == 0.5 and at_04["fpr"] == 0.5
-    at_035 = evaluate.operating_point(LABELS, SCORES, 0.35)  # score >= t: the defect at 0.35 is flagged too
+    at_035 = metrics.operating_point(LABELS, SCORES, 0.35)  # score >= t: the defect at 0.35 is flagged too
     assert at_035["recall"] == 1.0 and at_035["fpr"] == 0.5
 
 
 def test_normal_threshold_flags_no_held_out_normal_below_100_images():
     normal = np.random.default_rng(0).normal(size=50)
-    t = evaluate.normal_threshold(normal)
+    t = metrics.normal_threshold(normal)
     assert t > normal.max() and t == pytest.approx(normal.max())
-    assert evaluate.operating_point([0] * 50 + [1], np.append(normal, normal.max()), t)["fpr"] == 0.0
+    assert metrics.operating_point([0] * 50 + [1], np.append(normal, normal.max()), t)["fpr"] == 0.0
 
 
 def test_normal_threshold_quantile_bounds_held_out_fpr():
     normal = np.random.default_rng(1).normal(size=1000)
-    t = evaluate.normal_threshold(normal, quantile=0.99)
+    t = metrics.normal_threshold(normal, quantile=0.99)
     assert np.mean(normal >= t) <= 0.01
     assert np.mean(normal >= t) > 0.005  # ... and is not simply the max
     with pytest.raises(ValueError, match="quantile"):
-        evaluate.normal_threshold(normal, quantile=0.0)
+        metrics.normal_threshold(normal, quantile=0.0)
 
 
 # --- pixel metrics ------------------------------------------------------------------------------------------------
@@ -102,15 +102,15 @@ def test_pixel_auroc_matches_sklearn_with_ties(seed):
     masks = rng.random((3, 9, 11)) < 0.2
     maps = np.round(rng.random((3, 9, 11)) + 0.3 * masks, 1).astype(np.float32)  # rounding makes many ties
     expected = roc_auc_score(masks.ravel(), maps.ravel())
-    assert evaluate.pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+    assert metrics.pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
 
 
 def test_pixel_auroc_chunks_agree(monkeypatch):
     rng = np.random.default_rng(7)
     masks, maps = rng.random((2, 16, 16)) < 0.3, np.round(rng.random((2, 16, 16)), 2)
-    whole = evaluate.pixel_auroc(masks, maps)
-    monkeypatch.setattr(evaluate, "PIXEL_CHUNK", 5)
-    assert evaluate.pixel_auroc(masks, maps) == pytest.approx(whole, abs=1e-12)
+    whole = metrics.pixel_auroc(masks, maps)
+    monkeypatch.setattr(metrics, "PIXEL_CHUNK", 5)
+    assert metrics.pixel_auroc(masks, maps) == pytest.approx(whole, abs=1e-12)
 
 
 def two_regions() -> np.ndarray:
@@ -129,7 +129,7 @@ def test_aupro_by_hand_partial_region():
     maps[0, 3, 2:] = 0.0            # ... the other half only after every normal pixel
     # Curve (FPR, PRO): (0,0) -> t=.9 (0, 1/2) -> t=.8 (0, 3/4) -> t=.5 (1, 3/4) -> t=0 (1, 1).
     # Up to FPR 0.3 the PRO is 3/4 throughout: area 0.3 * 0.75, normalised by 0.3 -> 0.75.
-    assert evaluate.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(0.75)
+    assert metrics.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(0.75)
 
 
 def test_aupro_by_hand_tie_segment_crosses_limit():
@@ -141,14 +141,14 @@ def test_aupro_by_hand_tie_segment_crosses_limit():
     maps[0, 1, :] = maps[0, 2, 0] = 0.5    # those 5 normal pixels
     # Curve: (0,0) -> (0,1/2) -> (0,3/4) -> t=.5: (0.5, 1) -> t=.1: (1, 1). The tie segment (0,.75)-(.5,1) crosses
     # FPR 0.3 at PRO .75 + .25 * .3/.5 = .9; area = .3 * (.75 + .9) / 2 = .2475; / .3 -> 0.825.
-    assert evaluate.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(0.825)
-    assert evaluate.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(reference_aupro(masks, maps, 0.3))
+    assert metrics.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(0.825)
+    assert metrics.aupro(masks, maps, fpr_limit=0.3) == pytest.approx(reference_aupro(masks, maps, 0.3))
 
 
 def test_aupro_perfect_and_inverted():
     masks = two_regions()
-    assert evaluate.aupro(masks, masks.astype(float)) == pytest.approx(1.0)
-    assert evaluate.aupro(masks, 1.0 - masks) == pytest.approx(0.0, abs=1e-12)  # every normal pixel ranks first
+    assert metrics.aupro(masks, masks.astype(float)) == pytest.approx(1.0)
+    assert metrics.aupro(masks, 1.0 - masks) == pytest.approx(0.0, abs=1e-12)  # every normal pixel ranks first
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -162,7 +162,7 @@ def test_aupro_matches_brute_force(seed):
     masks[0, 0, 0] = masks[0, 1, 1] = True  # diagonal neighbours: two regions with 4-connectivity
     maps = np.round(rng.random(masks.shape) + 0.5 * masks, 1)  # ties between normal and anomalous pixels
     for limit in (0.05, 0.3, 1.0):
-        assert evaluate.aupro(masks, maps, limit) == pytest.approx(reference_aupro(masks, maps, limit), abs=1e-12)
+        assert metrics.aupro(masks, maps, limit) == pytest.approx(reference_aupro(masks, maps, limit), abs=1e-12)
 
 
 def test_aupro_weights_regions_not_pixels():
@@ -172,17 +172,17 @@ def test_aupro_weights_regions_not_pixels():
     masks[0, 7, 7] = True
     maps = np.where(masks, 1.0, 0.5)
     maps[0, 7, 7] = 0.0  # below every normal pixel (a tie with them would give a sloped segment instead)
-    assert evaluate.aupro(masks, maps) == pytest.approx(0.5)
-    assert evaluate.pixel_auroc(masks, maps) > 0.9
+    assert metrics.aupro(masks, maps) == pytest.approx(0.5)
+    assert metrics.pixel_auroc(masks, maps) > 0.9
 
 
 def test_pixel_metrics_need_both_classes():
     with pytest.raises(ValueError, match="anomalous"):
-        evaluate.pixel_auroc(np.zeros((2, 4, 4)), np.random.default_rng(0).random((2, 4, 4)))
+        metrics.pixel_auroc(np.zeros((2, 4, 4)), np.random.default_rng(0).random((2, 4, 4)))
     with pytest.raises(ValueError, match="region"):
-        evaluate.aupro(np.zeros((2, 4, 4)), np.random.default_rng(0).random((2, 4, 4)))
+        metrics.aupro(np.zeros((2, 4, 4)), np.random.default_rng(0).random((2, 4, 4)))
     with pytest.raises(ValueError, match="normal pixel"):
-        evaluate.aupro(np.ones((1, 4, 4)), np.random.default_rng(0).random((1, 4, 4)))
+        metrics.aupro(np.ones((1, 4, 4)), np.random.default_rng(0).random((1, 4, 4)))
 
 
 # --- the metrics.json dict ----------------------------------------------------------------------------------------
@@ -195,17 +195,17 @@ def test_compute_metrics_skips_images_without_mask():
     maps[2][masks[2]] += 0.5
     maps[3] += 0.6                                 # image 3: a defect whose mask file is missing (placeholder zeros)
     has_mask = [True, True, True, False]
-    m = evaluate.compute_metrics(labels, scores, masks, maps, has_mask)
-    assert m["pixel_auroc"] == pytest.approx(evaluate.pixel_auroc(masks[:3], maps[:3]))
-    assert m["aupro"] == pytest.approx(evaluate.aupro(masks[:3], maps[:3]))
+    m = metrics.compute_metrics(labels, scores, masks, maps, has_mask)
+    assert m["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks[:3], maps[:3]))
+    assert m["aupro"] == pytest.approx(metrics.aupro(masks[:3], maps[:3]))
     assert m["pixel_auroc"] == 1.0  # counting image 3's pixels as normal would have lowered it
-    assert evaluate.pixel_auroc(masks, maps) < 0.9
+    assert metrics.pixel_auroc(masks, maps) < 0.9
     assert (m["n_images"], m["n_defects"], m["n_pixel_images"]) == (4, 2, 3)
     assert m["image_auroc"] == 1.0 and m["f1_max"] == 1.0 and m["f1_threshold"] == pytest.approx(0.8)
 
 
 def test_compute_metrics_without_masks_is_json_ready():
-    m = evaluate.compute_metrics(LABELS, SCORES)
+    m = metrics.compute_metrics(LABELS, SCORES)
     assert m["pixel_auroc"] is None and m["aupro"] is None
     assert m["image_auroc"] == pytest.approx(0.75)
     assert all(type(v) in (float, int) for k, v in m.items() if v is not None)
@@ -214,5 +214,5 @@ def test_compute_metrics_without_masks_is_json_ready():
 
 def test_compute_metrics_no_anomalous_pixel_gives_none():
     masks, maps = np.zeros((4, 4, 4), bool), np.random.default_rng(0).random((4, 4, 4))
-    m = evaluate.compute_metrics(LABELS, SCORES, masks, maps, has_mask=[True, True, False, False])
+    m = metrics.compute_metrics(LABELS, SCORES, masks, maps, has_mask=[True, True, False, False])
     assert m["pixel_auroc"] is None and m["aupro"] is None and m["n_pixel_images"] == 2

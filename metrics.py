@@ -1,0 +1,185 @@
+"""The metrics of the whole project, one implementation each: image AUROC, AP, F1-max, the deployable threshold,
+pixel AUROC, AUPRO. classify.py, patchcore.py and evaluate.py all import them from here.
+
+Labels: 0 good, 1 defect. Scores and maps: higher = more anomalous; a sample is flagged at score >= t.
+
+    python metrics.py --scores runs/patchcore/tire/scores.csv         # image metrics of a run's scores.csv
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+NORMAL_QUANTILE = 0.99  # deployable threshold: at most 1% of held-out normal images score above it
+AUPRO_FPR_LIMIT = 0.3   # Bergmann et al. (MVTec AD, IJCV 2021) integrate the PRO curve up to 30% pixel FPR
+PIXEL_CHUNK = 1 << 20   # anomalous pixels handled per step in the curve integral: bounds memory at any defect size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics. Labels: 0 good, 1 defect. Scores and maps: higher = more anomalous; a sample is flagged at score >= t.
+# ----------------------------------------------------------------------------------------------------------------
+def _binary(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (N,) int in {0, 1} and scores (N,) float, checked; both classes must be present."""
+    labels, scores = np.asarray(labels).ravel(), np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"got {labels.size} labels but {scores.size} scores; expected one score per image.")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (good) or 1 (defect), got values {np.unique(labels).tolist()}.")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN; every image needs a score.")
+    if np.unique(labels).size < 2:
+        raise ValueError(f"only one class present among {labels.size} labels ({np.unique(labels).tolist()}); "
+                         "image metrics need both good and defect images.")
+    return labels.astype(np.int64), scores
+
+
+def image_auroc(labels, scores) -> float:
+    """Area under the ROC curve of image scores (0.5 = chance, 1 = every defect scores above every good image)."""
+    labels, scores = _binary(labels, scores)
+    return float(roc_auc_score(labels, scores))
+
+
+def average_precision(labels, scores) -> float:
+    """Average precision (area under the precision-recall curve, step-wise as in sklearn)."""
+    labels, scores = _binary(labels, scores)
+    return float(average_precision_score(labels, scores))
+
+
+def f1_max(labels, scores) -> tuple[float, float]:
+    """Best F1 over all thresholds and the (lowest) threshold reaching it; an oracle bound, since it peeks at labels."""
+    labels, scores = _binary(labels, scores)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)  # (T+1,), (T+1,), (T,)
+    # The last point (precision 1, recall 0) has no threshold; drop it. P + R = 0 (no true positive) gives F1 = 0.
+    precision, recall = precision[:-1], recall[:-1]  # (T+1,) -> (T,)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
+
+
+def operating_point(labels, scores, threshold: float) -> dict:
+    """Recall (TPR) and false positive rate when images with score >= threshold are flagged as defects."""
+    labels, scores = _binary(labels, scores)
+    flagged = scores >= threshold
+    return {"threshold": float(threshold),
+            "recall": float(flagged[labels == 1].mean()),
+            "fpr": float(flagged[labels == 0].mean())}
+
+
+def normal_threshold(normal_scores, quantile: float = NORMAL_QUANTILE) -> float:
+    """Deployable threshold from held-out normal images only: just above their `quantile` (an observed score)."""
+    # Why this rule: a production line knows good parts, not tomorrow's defects, so the threshold may only use
+    # held-out normal images (never test anomalies). We take an observed score (method="higher": no interpolation)
+    # and move one float step up, so that with `score >= threshold` at most a fraction 1 - quantile of held-out
+    # normal images would be flagged. With up to 100 held-out images, quantile=0.99 is simply their max score: no
+    # known-good image is rejected; with more, a single odd normal image can no longer drag the threshold up.
+    scores = np.asarray(normal_scores, dtype=np.float64).ravel()
+    if scores.size == 0 or not np.isfinite(scores).all():
+        raise ValueError(f"need at least one finite held-out normal score, got {scores.size} scores with "
+                         f"{int((~np.isfinite(scores)).sum())} not finite.")
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}.")
+    return float(np.nextafter(np.quantile(scores, quantile, method="higher"), np.inf))
+
+
+def _pixels(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """Masks (N, H, W) as bool and maps (N, H, W) as given (float32 keeps 512 px studies small), checked."""
+    masks, maps = np.asarray(masks).astype(bool, copy=False), np.asarray(maps)
+    if masks.ndim != 3 or masks.shape != maps.shape:
+        raise ValueError(f"masks {masks.shape} and maps {maps.shape} must have the same shape (N, H, W).")
+    if not np.issubdtype(maps.dtype, np.floating):
+        maps = maps.astype(np.float32)
+    if np.isnan(maps).any():
+        raise ValueError("anomaly maps contain NaN; every pixel needs a score.")
+    return masks, maps
+
+
+def _area_under_curve(neg: np.ndarray, pos: np.ndarray, weights: np.ndarray, fpr_limit: float) -> float:
+    """Area under y(t) = sum of weights of positives >= t vs FPR(t), for FPR <= fpr_limit; sorts neg in place."""
+    # The curve is drawn through one point per distinct threshold t, so tied scores form one straight segment
+    # (as sklearn's roc_curve and the MVTec AD evaluation code do), and is cut at exactly FPR = fpr_limit.
+    # y is a sum over positives, so the trapezoid area is too: positive i (score s) starts counting at
+    # FPR_gt(s) = #neg > s and is fully counted from FPR_ge(s) = #neg >= s (both / n_neg), linearly in between.
+    # Its area up to limit L is w * (L - (FPR_gt + FPR_ge) / 2) when FPR_ge <= L (for L = 1 that is the
+    # Mann-Whitney U statistic, i.e. the ROC AUC), a triangle when the tie segment crosses L, else 0.
+    # Only the normal scores are sorted (once); each positive is located in them by binary search.
+    neg.sort()  # (n_neg,) ascending, in place: callers pass a fresh copy, and 39M float32 pixels are 150 MiB
+    n_neg, area = neg.size, 0.0
+    for start in range(0, pos.size, PIXEL_CHUNK):
+        s, w = pos[start:start + PIXEL_CHUNK], weights[start:start + PIXEL_CHUNK]  # (c,), (c,)
+        fpr_ge = (n_neg - np.searchsorted(neg, s, side="left")) / n_neg   # (c,) negatives scoring >= s
+        fpr_gt = (n_neg - np.searchsorted(neg, s, side="right")) / n_neg  # (c,) negatives scoring > s
+        full = fpr_ge <= fpr_limit
+        area += float(np.sum(w[full] * (fpr_limit - (fpr_gt[full] + fpr_ge[full]) / 2)))
+        part = ~full & (fpr_gt < fpr_limit)  # the tie segment that crosses the limit (possible only with ties)
+        area += float(np.sum(w[part] * (fpr_limit - fpr_gt[part]) ** 2 / (2 * (fpr_ge[part] - fpr_gt[part]))))
+    return area
+
+
+def pixel_auroc(masks, maps) -> float:
+    """ROC AUC over all pixels of all images (masks (N, H, W) 0/1, maps (N, H, W) float); ties count half."""
+    masks, maps = _pixels(masks, maps)
+    pos = maps[masks]  # (N, H, W) -> (n_pos,)
+    if pos.size == 0 or pos.size == masks.size:
+        raise ValueError(f"pixel AUROC needs anomalous and normal pixels, got {pos.size} anomalous "
+                         f"of {masks.size}.")
+    weights = np.full(pos.size, 1.0 / pos.size)  # (n_pos,) y(t) = TPR(t)
+    return _area_under_curve(maps[~masks], pos, weights, fpr_limit=1.0)
+
+
+def aupro(masks, maps, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+    """Area under the per-region-overlap (PRO) curve up to pixel FPR = fpr_limit, divided by fpr_limit (perfect = 1)."""
+    # Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021, Sec. 5.2. PRO(t) = mean over all ground-truth
+    # regions of the fraction of the region's pixels scoring >= t; FPR(t) is over the normal pixels of all images.
+    # Regions are the connected components of each mask with scipy.ndimage.label's default structure, i.e.
+    # 4-connectivity (as the official MVTec AD evaluation code). Since PRO(t) = sum over anomalous pixels p >= t
+    # of w_p = 1 / (|region(p)| * n_regions), the PRO curve is the weighted TPR curve of _area_under_curve: exact,
+    # every distinct threshold, no threshold grid.
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}.")
+    masks, maps = _pixels(masks, maps)
+    pos, region_size, n_regions = [], [], 0
+    for mask, amap in zip(masks, maps):
+        regions, n = ndimage.label(mask)  # (H, W) int: 0 background, 1..n regions
+        if n:
+            sizes = np.bincount(regions.ravel())  # (n + 1,) pixels per region id
+            pos.append(amap[mask])  # (H, W) -> (n_pos_i,) in the same C order as the line below
+            region_size.append(sizes[regions[mask]])  # (H, W) -> (n_pos_i,) size of each pixel's region
+            n_regions += n
+    if n_regions == 0 or masks.all():
+        raise ValueError(f"AUPRO needs at least one anomalous region and one normal pixel, got {n_regions} regions "
+                         f"and {int((~masks).sum())} normal pixels.")
+    pos, region_size = np.concatenate(pos), np.concatenate(region_size)  # (n_pos,), (n_pos,)
+    weights = 1.0 / (region_size * float(n_regions))  # (n_pos,) each region's pixels sum to 1 / n_regions
+    return _area_under_curve(maps[~masks], pos, weights, fpr_limit) / fpr_limit
+
+
+def compute_metrics(labels, scores, masks=None, maps=None, has_mask=None) -> dict:
+    """The metrics.json dict of classify.py and patchcore.py: image metrics, and pixel metrics where masks exist."""
+    # Pixel metrics use only images with a mask: good images (all-zero mask) and defect images whose mask file was
+    # found; has_mask (N,) False marks defect images without one (their placeholder mask would call every pixel
+    # normal). They are None without masks or maps, or when the kept pixels are all normal (or all anomalous).
+    labels, scores = _binary(labels, scores)
+    f1, f1_threshold = f1_max(labels, scores)
+    pixel, pro, n_pixel_images = None, None, 0
+    if masks is not None and maps is not None:
+        masks, maps = _pixels(masks, maps)
+        keep = np.ones(len(masks), bool) if has_mask is None else np.asarray(has_mask, bool).ravel()  # (N,)
+        if not len(masks) == len(keep) == len(labels):
+            raise ValueError(f"got {len(labels)} labels, {len(masks)} masks and {len(keep)} has_mask flags; "
+                             "expected one of each per image.")
+        if not keep.all():
+            masks, maps = masks[keep], maps[keep]  # (N, H, W) -> (N_kept, H, W)
+        n_pixel_images = int(keep.sum())
+        if masks.any() and not masks.all():
+            pixel, pro = pixel_auroc(masks, maps), aupro(masks, maps)
+    return {"image_auroc": image_auroc(labels, scores),
+            "average_precision": average_precision(labels, scores),
+            "f1_max": f1,
+            "f1_threshold": f1_threshold,
+            "pixel_auroc": pixel,
+            "aupro": pro,
+            "n_images": int(labels.size),
+            "n_defects": int(labels.sum()),
+            "n_pixel_images": n_pixel_images}
