@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import backbones
 import data
-from evaluate import compute_metrics, image_auroc, normal_threshold, operating_point
+from metrics import compute_metrics, image_auroc, normal_threshold, operating_point
 
 VAL_DEFECT_FRACTION = 0.25  # 1 of every 4 training defects of a type validates (int((n + 1) / 4): 3 -> 1, 7 -> 2)
 VAL_GOOD_FRACTION = 0.1     # share of train/good held out as extra validation normals
@@ -40,6 +40,9 @@ JITTER = 0.1                # brightness and contrast factors in [1 - JITTER, 1 
 # order, a mirrored screw has a left-hand thread, transistor/capsule/pill carry orientation or print. No flips there.
 MIRROR_SENSITIVE = ("metal_nut", "cable", "screw", "transistor", "capsule", "pill")
 BN_MOMENTUM = 0.1  # Lite0's TensorFlow-style 0.01 lets BN running stats lag far behind during a short fine-tune
+# Convolutions run about 20% faster in channels-last layout on a CPU (oneDNN) and use tensor cores on a GPU;
+# the model and every batch are converted, the maths is the same.
+MEMORY_FORMAT = torch.channels_last
 TABLE_KEYS = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1_max", "threshold",
               "recall_at_threshold", "fpr_at_threshold", "best_epoch", "val_auroc", "train_seconds", "ms_per_image",
               "n_train_images", "n_train_defects", "params_millions")  # the final table printed by run()
@@ -150,7 +153,7 @@ class Checkpoint:
         """(model in eval mode on device, its Grad-CAM layer)."""
         model, cam_layer = backbones.classifier(self.backbone, "none", num_classes=2)
         model.load_state_dict(self.state_dict)
-        return model.to(device).eval(), cam_layer
+        return model.to(device, memory_format=MEMORY_FORMAT).eval(), cam_layer
 
 
 def autocast(device: torch.device):
@@ -182,7 +185,8 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, weights:
     model.train(not freeze_trunk)  # linear probe: the trunk stays in eval mode (BN statistics, no dropout)
     total, n = 0.0, 0
     for batch in tqdm(loader, desc=desc, disable=None, leave=False):
-        images, labels = batch["image"].to(device), batch["label"].to(device)  # (B, 3, S, S), (B,)
+        images = batch["image"].to(device, memory_format=MEMORY_FORMAT)  # (B, 3, S, S)
+        labels = batch["label"].to(device)  # (B,)
         with autocast(device):
             logits = model(images)  # (B, 2)
         # Imbalance: class-weighted cross-entropy (weights N / (2 N_c)), summed and divided by the batch size.
@@ -214,7 +218,7 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
     flips = args.flips == "both" or (args.flips == "auto" and args.category not in MIRROR_SENSITIVE)
     augment = Augment(args.image_size, flips, args.seed)
     loader = data.make_loader(fit_samples, args.image_size, mean, std, args.batch_size, augment=augment,
-                              shuffle=True, seed=args.seed)
+                              shuffle=True, seed=args.seed, cache=True)
     weights = class_weights([s.label for s in fit_samples]).to(device)
     if args.freeze_trunk:
         model.requires_grad_(False)
@@ -289,13 +293,13 @@ def predict(model: nn.Module, samples: Sequence[data.Sample], backbone: str, ima
     """Defect log-odds (N,), Grad-CAM maps (N, S, S) (None without cam_layer) and masks (N, S, S) of samples.
     Eval mode: every image is scored on its own, so the results do not depend on the batch size."""
     model.eval()
-    loader = data.make_loader(samples, image_size, *backbones.normalization(backbone), batch_size)
+    loader = data.make_loader(samples, image_size, *backbones.normalization(backbone), batch_size, cache=True)
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # Grad-CAM needs dd/dA only: no graph through the trunk's weights
     log_odds, maps, masks = [], [], []
     try:
         for batch in tqdm(loader, desc="scoring", disable=None, leave=False):
-            images = batch["image"].to(device)  # (B, 3, S, S)
+            images = batch["image"].to(device, memory_format=MEMORY_FORMAT)  # (B, 3, S, S)
             if cam_layer is None:
                 with torch.no_grad(), autocast(device):
                     logits = model(images).float()  # (B, 2)
@@ -346,7 +350,7 @@ def run(args: argparse.Namespace) -> dict:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = BN_MOMENTUM
-    model.to(device)
+    model.to(device, memory_format=MEMORY_FORMAT)
     out_dir = Path(args.out_dir or f"runs/classify/{args.category}")
     n_fit_defects = sum(s.label for s in fit_samples)
     print(f"{args.category}: training on {len(fit_samples)} images ({n_fit_defects} defects), validating on "
@@ -361,9 +365,10 @@ def run(args: argparse.Namespace) -> dict:
         best = history[select_epoch(history)]
 
         # Threshold: deployable, from the validation NORMAL images only (never an evaluation image or a defect)
-        d_val, _, _ = predict(model, val_samples, args.backbone, args.image_size, device, args.batch_size)
-        val_normals = 1 / (1 + np.exp(-d_val[[s.label == 0 for s in val_samples]]))
-        threshold = normal_threshold(val_normals)
+        val_normals = [s for s in val_samples if s.label == 0]
+        d_val, _, _ = predict(model, val_normals, args.backbone, args.image_size, device, args.batch_size)
+        normal_scores = 1 / (1 + np.exp(-d_val))  # (N_val_normal,) defect probabilities
+        threshold = normal_threshold(normal_scores)
 
         # Score: defect probability and Grad-CAM map of every evaluation image, metrics shared with patchcore.py
         t0 = time.perf_counter()
@@ -382,8 +387,10 @@ def run(args: argparse.Namespace) -> dict:
                        history=history, args=vars(args),
                        run_info=data.run_info())
 
-        # Write: scores.csv, metrics.json, args.json, the images of each set, model.pt, optional overlays
+        # Write: scores.csv, heldout_scores.csv (validation normals), metrics.json, args.json, the images of each
+        # set, model.pt, optional overlays
         data.write_scores(tmp / "scores.csv", eval_samples, scores)
+        data.write_scores(tmp / "heldout_scores.csv", val_normals, normal_scores)
         data.write_json(tmp / "metrics.json", metrics)
         data.write_json(tmp / "args.json", vars(args))
         data.write_json(tmp / "images.json", {"split": split, "train": [s.rel for s in fit_samples],
