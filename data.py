@@ -342,6 +342,17 @@ def write_scores(path: str | Path, samples: Sequence[Sample], scores: Sequence[f
             w.writerow([s.path, s.label, s.defect_type, f"{float(score):.10g}"])  # p(defect) near 1 needs digits
 
 
+def read_scores(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(paths, labels, defect types, scores) of a scores.csv written by write_scores."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return ([r["path"] for r in rows], np.array([int(r["label"]) for r in rows], dtype=int),
+                np.array([r["defect_type"] for r in rows]), np.array([float(r["score"]) for r in rows]))
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"cannot read scores file {path} (expected columns path,label,defect_type,score): {e}") from None
+
+
 def print_table(metrics: dict, keys: Sequence[str], out_dir: str | Path) -> None:
     """A script's final aligned table, with the same numbers as its metrics.json."""
     print(f"\n{'metric':<22}{'value':>12}")

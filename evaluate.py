@@ -17,6 +17,8 @@ import json
 import os
 import sys
 import time
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -151,66 +153,189 @@ def time_left(methods: list[str], seconds: dict[str, list[float]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Results: one row per category x scenario x method x seed x metric, recomputed from each run's scores.csv
+# Results: every number of the report is recomputed here from the runs' scores.csv (image metrics, intervals, the
+# fused detector) and metrics.json (pixel metrics, costs). One Scored per method and evaluation set.
 # ----------------------------------------------------------------------------------------------------------------
-def read_scores(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(paths, labels, defect types, scores) of a scores.csv."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return ([r["path"] for r in rows], np.array([int(r["label"]) for r in rows]),
-            np.array([r["defect_type"] for r in rows]), np.array([float(r["score"]) for r in rows]))
+@dataclass
+class Scored:
+    """One method's scores on one evaluation set of one (category, seed): what a table row is computed from."""
+    category: str
+    seed: int
+    scenario: str           # all-types, few-shot, unseen-type, seen-type
+    method: str             # patchcore, classifier, fused
+    tag: str                # the classifier's split (k5, unseen-hole-k5); PatchCore: all
+    held_out: str | None    # seen-type / unseen-type: the defect type of the set (good + that type)
+    n_labelled: int
+    paths: np.ndarray       # (N,) image paths: they pair the methods on identical images
+    labels: np.ndarray      # (N,) 0 good, 1 defect
+    types: np.ndarray       # (N,) defect type
+    scores: np.ndarray      # (N,) higher = more anomalous
+    threshold: float | None = None  # the deployable threshold, from held-out normal images
+    extra: dict = field(default_factory=dict)  # pixel metrics and costs, for a run's own evaluation set only
+
+    def on(self, paths: np.ndarray, **change) -> "Scored":
+        """The same scores, for the images `paths` only, in that order (each must be among self.paths)."""
+        where = {p: i for i, p in enumerate(self.paths)}
+        missing = [p for p in paths if p not in where]
+        if missing:
+            raise data.DataError(f"{self.method} run of {self.category} seed {self.seed} has no score for {missing[0]}")
+        i = np.array([where[p] for p in paths], dtype=int)
+        return replace(self, paths=self.paths[i], labels=self.labels[i], types=self.types[i], scores=self.scores[i],
+                       extra={}, **change)
 
 
-def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:
-    """The image-level metrics of one run, from its scores (the same functions as the scripts use)."""
-    out = {"image_auroc": metrics.image_auroc(labels, scores),
-           "average_precision": metrics.average_precision(labels, scores),
-           "f1_max": metrics.f1_max(labels, scores)[0]}
-    if threshold is not None:
-        point = metrics.operating_point(labels, scores, threshold)
+def image_set_seed(paths: np.ndarray) -> int:
+    """The bootstrap seed of a set of images: identical images (two methods compared) resample identically."""
+    return zlib.crc32("\n".join(sorted(paths)).encode())
+
+
+def load_run(run_dir: Path) -> tuple[dict, Scored, dict[str, float]]:
+    """(study.json, the run's Scored, its held-out normal scores by path) of one finished run."""
+    info = json.loads((run_dir / "study.json").read_text())
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    paths, labels, types, scores = data.read_scores(run_dir / "scores.csv")
+    heldout = dict(zip(*data.read_scores(run_dir / "heldout_scores.csv")[::3])) \
+        if (run_dir / "heldout_scores.csv").is_file() else {}
+    extra = {k: saved.get(k) for k in ("pixel_auroc", "aupro", "ms_per_image", "params_millions", "peak_rss_mb")}
+    extra["train_seconds"] = saved.get("train_seconds", saved.get("fit_seconds"))
+    run = Scored(info["category"], info["seed"], info["role"], info["method"], info["tag"], info.get("held_out"),
+                 info["n_labelled"], np.array(paths), labels, types, scores, saved.get("threshold"), extra)
+    return info, run, heldout
+
+
+# The fused detector: PatchCore and the classifier together, with no training of its own. Each method's score is
+# first calibrated on the held-out normal images that method never trained on (z: how many standard deviations of
+# those normal scores above their mean; the classifier's probability as log-odds, where normal scores spread), and
+# the fused score is the larger of the two: an image is as suspicious as the more alarmed of the two methods (the
+# "either one flags it" rule of a line that runs both). Its threshold: the same rule as each method's, on the fused
+# scores of the held-out normals both methods scored.
+def calibrated(method: str, scores: np.ndarray, normal_scores: np.ndarray) -> np.ndarray:
+    """Scores in standard deviations above the mean of held-out normal scores: (N,), (M,) -> (N,). Needs M >= 2."""
+    if method == "classifier":  # probabilities -> log-odds
+        scores, normal_scores = (np.log(p) - np.log1p(-p) for p in
+                                 (np.clip(x, 1e-12, 1 - 1e-12) for x in (scores, normal_scores)))
+    spread = max(float(np.std(normal_scores, ddof=1)), 1e-12)
+    return (scores - np.mean(normal_scores)) / spread
+
+
+def fuse(pc: Scored, pc_normals: dict[str, float], cl: Scored, cl_normals: dict[str, float]) -> Scored | None:
+    """The fused detector on the classifier's evaluation images (None without 2+ held-out normals per method)."""
+    if min(len(pc_normals), len(cl_normals)) < 2:
+        return None
+    pc_on = pc.on(cl.paths)  # PatchCore's scores of the very same images, in the same order
+
+    def z(paths_pc, scores_pc, scores_cl):
+        return np.maximum(calibrated("patchcore", scores_pc, np.array(list(pc_normals.values()))),
+                          calibrated("classifier", scores_cl, np.array(list(cl_normals.values()))))
+    both = sorted(set(pc_normals) & set(cl_normals))  # held-out normals scored by both methods
+    threshold = metrics.normal_threshold(z(both, np.array([pc_normals[p] for p in both]),
+                                           np.array([cl_normals[p] for p in both]))) if both else None
+    return replace(cl, method="fused", scores=z(cl.paths, pc_on.scores, cl.scores), threshold=threshold, extra={})
+
+
+def collect(study_dir: Path) -> list[Scored]:
+    """Every Scored of a study folder, from its finished runs.
+
+    all-types / few-shot: each classifier run, PatchCore's run (the same evaluation images) and their fusion.
+    unseen-type: each classifier run trained without one type, on good + that type; PatchCore's all-types scores of
+    those very images (no second scoring pass) and their fusion. seen-type: the classifier run with the same k that
+    did see the type, on the same images, and its fusion.
+    """
+    runs = [load_run(p.parent) for p in sorted(study_dir.rglob("study.json"))]
+    if not runs:
+        raise data.DataError(f"no finished runs under {study_dir} (expected <category>/seed<N>/<method>/<tag>/)")
+    pcs = {(r.category, r.seed): (r, h) for _, r, h in runs if r.method == "patchcore"}
+    references = {}  # (category, seed, tag) of an all-types run -> the types held out from its unseen twins
+    for info, r, _ in runs:
+        if info.get("reference"):
+            references.setdefault((r.category, r.seed, info["reference"]), []).append(r.held_out)
+    out = []
+    for info, run, heldout in runs:
+        if run.method == "patchcore":
+            out += [replace(run, scenario=s) for s in ("all-types", "few-shot")]
+            continue
+        if info["role"] == "unseen-type":
+            sets = [replace(run, scenario="unseen-type")]
+        else:
+            sets = [replace(run, scenario=s) for s in ("all-types", "few-shot")]
+            for t in sorted(references.get((run.category, run.seed, run.tag), [])):
+                keep = run.paths[(run.types == "good") | (run.types == t)]
+                sets.append(run.on(keep, scenario="seen-type", held_out=t))
+        out += sets
+        pc, pc_normals = pcs.get((run.category, run.seed), (None, {}))
+        for cl in sets if pc is not None else []:
+            if cl.scenario in ("unseen-type", "seen-type"):
+                out.append(pc.on(cl.paths, scenario=cl.scenario, held_out=cl.held_out))
+            fused = fuse(pc, pc_normals, cl, heldout)
+            if fused is not None:
+                out.append(fused)
+    return out
+
+
+def image_metrics(s: Scored) -> dict:
+    """The image-level metrics of one Scored (the same functions as the scripts use) and the AUROC interval."""
+    out = {"image_auroc": metrics.image_auroc(s.labels, s.scores),
+           "average_precision": metrics.average_precision(s.labels, s.scores),
+           "f1_max": metrics.f1_max(s.labels, s.scores)[0]}
+    out["image_auroc_low"], out["image_auroc_high"] = metrics.auroc_interval(s.labels, s.scores,
+                                                                             image_set_seed(s.paths))
+    if s.threshold is not None:
+        point = metrics.operating_point(s.labels, s.scores, s.threshold)
         out.update(recall_at_threshold=point["recall"], fpr_at_threshold=point["fpr"])
     return out
 
 
-def collect(study_dir: Path) -> list[dict]:
-    """Rows (category, scenario, method, seed, tag, held_out, n_labelled, metric, value) of every finished run.
-
-    all-types / few-shot: each classifier run and PatchCore's run on the same evaluation set.
-    unseen-type: the held-out type's run. seen-type (for each type that has an unseen-type run): the all-types run
-    with the unseen runs' k, restricted to good + that type: the very images of the unseen-type run.
-    """
+def result_rows(scored: list[Scored]) -> list[dict]:
+    """Rows (category, scenario, method, seed, tag, held_out, n_labelled, metric, value) of results.csv."""
     rows = []
-    runs = sorted(study_dir.rglob("study.json"))
-    if not runs:
-        raise data.DataError(f"no finished runs under {study_dir} (expected <category>/seed<N>/<method>/<tag>/)")
-    infos = [(p.parent, json.loads(p.read_text())) for p in runs]
-    references = {(i["category"], i["seed"], i["reference"]) for _, i in infos if i.get("reference")}
-    held_out = {(i["category"], i["seed"], i["held_out"]) for _, i in infos if i["role"] == "unseen-type"}
-    for run_dir, info in infos:
-        saved = json.loads((run_dir / "metrics.json").read_text())
-        _, labels, types, scores = read_scores(run_dir / "scores.csv")
-        values = image_metrics(labels, scores, saved.get("threshold"))
-        values.update({k: saved.get(k) for k in ("pixel_auroc", "aupro", "ms_per_image", "params_millions",
-                                                  "peak_rss_mb")})
-        values["train_seconds"] = saved.get("train_seconds", saved.get("fit_seconds"))
-        values["n_labelled"] = info["n_labelled"]
-        key = dict(category=info["category"], method=info["method"], seed=info["seed"], tag=info["tag"],
-                   held_out=info.get("held_out"), n_labelled=info["n_labelled"])
-        scenarios = ["unseen-type"] if info["role"] == "unseen-type" else ["all-types", "few-shot"]
-        for scenario in scenarios:
-            rows += [{**key, "scenario": scenario, "metric": m, "value": v} for m, v in values.items() if v is not None]
-        if info["role"] == "all-types" and (info["method"] == "patchcore" or
-                                            (info["category"], info["seed"], info["tag"]) in references):
-            for t in sorted(t for t in set(types) if (info["category"], info["seed"], t) in held_out):
-                keep = (types == "good") | (types == t)
-                rows.append({**key, "scenario": "seen-type", "held_out": t, "metric": "image_auroc",
-                             "value": metrics.image_auroc(labels[keep], scores[keep])})
+    for s in scored:
+        values = {**image_metrics(s), **s.extra, "n_labelled": s.n_labelled}
+        key = dict(category=s.category, scenario=s.scenario, method=s.method, seed=s.seed, tag=s.tag,
+                   held_out=s.held_out, n_labelled=s.n_labelled)
+        rows += [{**key, "metric": m, "value": v} for m, v in values.items() if v is not None]
     return rows
 
 
-def write_results(rows: list[dict], path: Path) -> None:
-    """results.csv, written through a temp file."""
-    fields = ["category", "scenario", "method", "seed", "tag", "held_out", "n_labelled", "metric", "value"]
+def partner(scored: list[Scored], s: Scored, method: str, **where) -> Scored | None:
+    """Another Scored on exactly the images of s (same category and seed; the same scenario unless `where` names
+    one), reordered as s, or None."""
+    where = {"scenario": s.scenario, **where}
+    for o in scored:
+        if (o.method == method and o.category == s.category and o.seed == s.seed
+                and all(getattr(o, k) == v for k, v in where.items()) and set(o.paths) == set(s.paths)):
+            return o.on(s.paths)
+    return None
+
+
+def comparisons(scored: list[Scored]) -> list[tuple[str, Scored, Scored]]:
+    """(name, a, b) pairs on identical images: every classifier set against PatchCore and the fused detector
+    against both; per unseen type, the classifier without the type against the classifier with it."""
+    out = []
+    for c in (s for s in scored if s.method == "classifier" and s.scenario in ("all-types", "unseen-type")):
+        pc = partner(scored, c, "patchcore")
+        fused = partner(scored, c, "fused", tag=c.tag)
+        out += [(n, a, b) for n, a, b in (("classifier - PatchCore", c, pc), ("fused - PatchCore", fused, pc),
+                                          ("fused - classifier", fused, c)) if a is not None and b is not None]
+        if c.scenario == "unseen-type":
+            seen = partner(scored, c, "classifier", held_out=c.held_out, scenario="seen-type")
+            out += [("classifier unseen - seen", c, seen)] if seen is not None else []
+    return out
+
+
+def difference_rows(scored: list[Scored]) -> list[dict]:
+    """Rows of differences.csv: per pair of methods on identical images, the AUROC difference and its paired
+    95 % bootstrap interval."""
+    rows = []
+    for name, a, b in comparisons(scored):
+        diff, low, high = metrics.paired_auroc_difference(a.labels, a.scores, b.scores, image_set_seed(a.paths))
+        rows.append(dict(category=a.category, seed=a.seed, scenario=a.scenario, tag=a.tag, held_out=a.held_out,
+                         comparison=name, difference=diff, low=low, high=high,
+                         real=metrics.excludes_zero(low, high)))
+    return rows
+
+
+def write_csv(rows: list[dict], fields: list[str], path: Path) -> None:
+    """A CSV of rows, written through a temp file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -220,10 +345,13 @@ def write_results(rows: list[dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tables: mean ± std over seeds (per category), and over categories (each seed averaged over categories first)
+# Tables: mean ± std over seeds (per category; over categories, each seed averaged over categories first), and the
+# pooled 95 % bootstrap interval: every run's images resampled on their own, the mean taken per resample.
 # ----------------------------------------------------------------------------------------------------------------
-def select(rows: list[dict], **where) -> list[dict]:
-    return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+def select(rows: list, **where) -> list:
+    """The rows (dicts) or Scored whose fields match `where`."""
+    get = (lambda r, k: r.get(k)) if rows and isinstance(rows[0], dict) else getattr
+    return [r for r in rows if all(get(r, k) == v for k, v in where.items())]
 
 
 def per_seed(rows: list[dict], categories: list[str], **where) -> list[float]:
@@ -236,6 +364,27 @@ def per_seed(rows: list[dict], categories: list[str], **where) -> list[float]:
             if len(cats) == len(categories)]
 
 
+def resamples(s: Scored) -> np.ndarray:
+    """The AUROC of every bootstrap resample of s's images (R,)."""
+    counts = metrics.bootstrap_counts(int(s.labels.sum()), int((s.labels == 0).sum()), image_set_seed(s.paths))
+    return metrics.auroc_resamples(s.labels, s.scores, counts)
+
+
+def pooled_interval(sets: list[Scored]) -> tuple[float, float] | None:
+    """95 % bootstrap interval of the mean image AUROC of several runs (None for no run)."""
+    return metrics.interval(np.mean([resamples(s) for s in sets], axis=0)) if sets else None
+
+
+def pooled_difference(pairs: list[tuple[Scored, Scored]]) -> tuple[float, float, float] | None:
+    """(mean AUROC(a) - AUROC(b), its 95 % paired bootstrap interval) over pairs on identical images."""
+    if not pairs:
+        return None
+    diff = np.mean([resamples(a) - resamples(b) for a, b in pairs], axis=0)  # (R,) same resamples for a and b
+    point = np.mean([metrics.image_auroc(a.labels, a.scores) - metrics.image_auroc(b.labels, b.scores)
+                     for a, b in pairs])
+    return float(point), *metrics.interval(diff)
+
+
 def fmt(values: list[float], digits: int = 3) -> str:
     """'0.953 ± 0.012' (std over seeds), '0.953' for one seed, '–' for none."""
     if not values:
@@ -243,6 +392,22 @@ def fmt(values: list[float], digits: int = 3) -> str:
     if len(values) == 1 or (digits == 0 and np.std(values) == 0):  # counts: no "± 0"
         return f"{np.mean(values):.{digits}f}"
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def fmt_interval(iv: tuple[float, float] | None) -> str:
+    return "–" if iv is None else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
+def fmt_diff(d: float) -> str:
+    """'+0.012': a signed difference, with no '-0.000'."""
+    return f"{round(d, 3) + 0.0:+.3f}"
+
+
+def verdict(diff: tuple[float, float, float]) -> str:
+    """How the report reads a paired difference: real only when its interval excludes 0."""
+    if not metrics.excludes_zero(diff[1], diff[2]):
+        return "not distinguishable"
+    return "first ahead" if diff[0] > 0 else "second ahead"
 
 
 def markdown(header: list[str], body: list[list[str]]) -> str:
@@ -259,58 +424,97 @@ def classifier_ks(rows: list[dict], scenario: str, categories: list[str]) -> lis
     return sorted(tags or [], key=lambda t: float("inf") if t == "kall" else int(t[1:]))
 
 
-def tables(rows: list[dict], categories: list[str]) -> dict[str, str]:
+def in_scope(scored: list[Scored], categories: list[str], **where) -> list[Scored]:
+    return [s for s in select(scored, **where) if s.category in categories]
+
+
+def paired(scored: list[Scored], categories: list[str], name: str, **where) -> tuple[float, float, float] | None:
+    """The pooled paired difference `name` (see comparisons) over the matching sets of the categories."""
+    pairs = [(a, b) for n, a, b in comparisons(scored) if n == name and a.category in categories
+             and all(getattr(a, k) == v for k, v in where.items())]
+    return pooled_difference(pairs)
+
+
+def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dict[str, str]:
     """The report's tables as markdown, keyed by title; `categories` of one category gives its own tables."""
     out = {}
-    # 1. All defect types seen: PatchCore vs the classifier at each k, every metric
-    body = [["PatchCore", "0"] + [fmt(per_seed(rows, categories, scenario="all-types", method="patchcore",
-                                                metric=m)) for m in TABLE_METRICS]]
-    for tag in classifier_ks(rows, "all-types", categories):
-        n = per_seed(rows, categories, scenario="all-types", method="classifier", tag=tag, metric="n_labelled")
-        body.append([f"classifier {tag}", fmt(n, 0)] + [fmt(per_seed(rows, categories, scenario="all-types",
-                                                                      method="classifier", tag=tag, metric=m))
-                                                         for m in TABLE_METRICS])
+
+    def auroc(**where) -> list[str]:  # mean ± std over seeds, and the pooled interval
+        return [fmt(per_seed(rows, categories, metric="image_auroc", **where)),
+                fmt_interval(pooled_interval(in_scope(scored, categories, **where)))]
+    # 1. All defect types seen: PatchCore vs the classifier and the fused detector at each k, every metric
+    tags = classifier_ks(rows, "all-types", categories)
+    specs = [("PatchCore", dict(method="patchcore"))] + [(f"{m} {t}", dict(method=m, tag=t)) for m in
+                                                          ("classifier", "fused") for t in tags]
+    body = []
+    for name, where in specs:
+        n = per_seed(rows, categories, scenario="all-types", metric="n_labelled", **where)
+        body.append([name, fmt(n, 0) if n else "0"] + auroc(scenario="all-types", **where) +
+                    [fmt(per_seed(rows, categories, scenario="all-types", metric=m, **where)) for m in TABLE_METRICS[1:]])
     out["All defect types seen (k labelled images per type)"] = markdown(
-        ["method", "labelled defects", *TABLE_METRICS], body)
+        ["method", "labelled defects", "image AUROC", "95 % interval", *TABLE_METRICS[1:]], body)
     # 2. Seen vs unseen defect type, image AUROC on identical images (good + that type)
-    types = sorted({r["held_out"] for r in select(rows, scenario="unseen-type") if r["category"] in categories})
+    types = sorted({s.held_out for s in in_scope(scored, categories, scenario="unseen-type")})
     body = []
     for t in types + ["mean"]:
         where = {} if t == "mean" else {"held_out": t}
         body.append([t] + [fmt(per_seed(rows, categories, scenario=sc, method=m, metric="image_auroc", **where))
                            for sc, m in (("seen-type", "classifier"), ("unseen-type", "classifier"),
-                                         ("unseen-type", "patchcore"))])
+                                         ("unseen-type", "patchcore"), ("unseen-type", "fused"))])
     if types:
         out["Seen vs unseen defect type: image AUROC on good + that type"] = markdown(
-            ["defect type", "classifier, type seen", "classifier, type unseen", "PatchCore"], body)
+            ["defect type", "classifier, type seen", "classifier, type unseen", "PatchCore", "fused, type unseen"],
+            body)
     # 3. Few-shot curve
-    body = [["0 (PatchCore)", "0", "–", fmt(per_seed(rows, categories, scenario="few-shot", method="patchcore",
-                                                       metric="image_auroc"))]]
+    body = [["0 (PatchCore)", "0", "–", "–", fmt(per_seed(rows, categories, scenario="few-shot", method="patchcore",
+                                                             metric="image_auroc"))]]
     for tag in classifier_ks(rows, "few-shot", categories):
         body.append([tag, fmt(per_seed(rows, categories, scenario="few-shot", method="classifier", tag=tag,
-                                       metric="n_labelled"), 0),
-                     fmt(per_seed(rows, categories, scenario="few-shot", method="classifier", tag=tag,
-                                  metric="image_auroc")), "–"])
+                                       metric="n_labelled"), 0)] +
+                    [fmt(per_seed(rows, categories, scenario="few-shot", method=m, tag=tag, metric="image_auroc"))
+                     for m in ("classifier", "fused")] + ["–"])
     out["Few-shot: image AUROC vs labelled defect images"] = markdown(
-        ["k per type", "labelled defects", "classifier", "PatchCore"], body)
-    # 4. Costs
+        ["k per type", "labelled defects", "classifier", "fused", "PatchCore"], body)
+    # 4. Paired differences on identical images
+    body = []
+    for tag in tags:
+        for name in ("classifier - PatchCore", "fused - PatchCore", "fused - classifier"):
+            d = paired(scored, categories, name, scenario="all-types", tag=tag)
+            body += [[name.replace("classifier", f"classifier {tag}").replace("fused", f"fused {tag}"),
+                      "all types seen", fmt_diff(d[0]), fmt_interval(d[1:]), verdict(d)]] if d else []
+    for name in ("classifier - PatchCore", "fused - PatchCore", "classifier unseen - seen"):
+        d = paired(scored, categories, name, scenario="unseen-type")
+        body += [[name, "one type unseen (every type)", fmt_diff(d[0]), fmt_interval(d[1:]), verdict(d)]] if d else []
+    if body:
+        out["Paired differences in image AUROC (same images, 95 % paired bootstrap interval)"] = markdown(
+            ["first - second", "scenario", "difference", "95 % interval", "reading"], body)
+    # 5. Costs
     body = []
     for name, method in (("PatchCore", "patchcore"), ("classifier", "classifier")):
         body.append([name] + [fmt(per_seed(rows, categories, scenario="all-types", method=method, metric=m),
                                   0 if m == "n_labelled" else 1) for m in COST_METRICS])
-    out["Costs (all-types runs; training = PatchCore's fit)"] = markdown(
+    out["Costs (all-types runs; training = PatchCore's fit; the fused detector runs both)"] = markdown(
         ["method", "labelled defects", "training s", "ms / test image", "parameters (M)", "peak RSS (MB)"], body)
     return out
 
 
-def findings(rows: list[dict], categories: list[str]) -> str:
-    """A short paragraph generated from the numbers (never hand-written): who wins where, by how much, the spread."""
+def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> str:
+    """A short paragraph generated from the numbers (never hand-written): who wins where, by how much, and whether
+    the paired 95 % interval of the difference excludes 0 ("not distinguishable" when it does not)."""
     def mean(**where):
         v = per_seed(rows, categories, metric="image_auroc", **where)
         return (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) if v else None
 
     def say(m):
         return f"{m[0]:.3f}" + (f" ± {m[1]:.3f}" if m[2] > 1 else "")
+
+    def compare(name: str, first: str, second: str, **where) -> str:
+        d = paired(scored, categories, name, **where)
+        if d is None:
+            return ""
+        read = {"first ahead": f"{first} is ahead", "second ahead": f"{second} is ahead",
+                "not distinguishable": "not distinguishable"}[verdict(d)]
+        return f"{fmt_diff(d[0])}, 95 % interval {fmt_interval(d[1:])}: {read}"
 
     n_seeds = len({r["seed"] for r in rows})
     scope = f"mean over {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} and {n_seeds} seed(s)"
@@ -321,63 +525,82 @@ def findings(rows: list[dict], categories: list[str]) -> str:
         best = tags[-1]
         cl = mean(scenario="all-types", method="classifier", tag=best)
         n = per_seed(rows, categories, scenario="all-types", method="classifier", tag=best, metric="n_labelled")
-        winner = "the classifier" if cl[0] > pc[0] else "PatchCore"
         out.append(f"With every defect type seen ({best}, {np.mean(n):.0f} labelled defect images), the classifier "
-                   f"reaches image AUROC {say(cl)} against PatchCore's {say(pc)} with no labelled defect ({scope}): "
-                   f"{winner} is ahead by {abs(cl[0] - pc[0]):.3f}.")
+                   f"reaches image AUROC {say(cl)} against PatchCore's {say(pc)} with no labelled defect ({scope}); "
+                   f"classifier - PatchCore on the same images: "
+                   f"{compare('classifier - PatchCore', 'the classifier', 'PatchCore', scenario='all-types', tag=best)}.")
+        fused = mean(scenario="all-types", method="fused", tag=best)
+        if fused:
+            out.append(f"The fused detector scores {say(fused)}: against PatchCore "
+                       f"{compare('fused - PatchCore', 'the fused detector', 'PatchCore', scenario='all-types', tag=best)}; "
+                       f"against the classifier "
+                       f"{compare('fused - classifier', 'the fused detector', 'the classifier', scenario='all-types', tag=best)}.")
     seen, unseen = mean(scenario="seen-type", method="classifier"), mean(scenario="unseen-type", method="classifier")
     pc_unseen = mean(scenario="unseen-type", method="patchcore")
     if seen and unseen and pc_unseen:
         out.append(f"On a defect type it never saw, the classifier scores {say(unseen)}, against {say(seen)} on the "
-                   f"same images when that type was in its training set (a change of {unseen[0] - seen[0]:+.3f}); "
-                   f"PatchCore scores {say(pc_unseen)} on those images, "
-                   f"{'above' if pc_unseen[0] > unseen[0] else 'below'} the classifier by "
-                   f"{abs(pc_unseen[0] - unseen[0]):.3f}.")
+                   f"same images when that type was in its training set "
+                   f"({compare('classifier unseen - seen', 'unseen', 'seen', scenario='unseen-type')}); "
+                   f"PatchCore scores {say(pc_unseen)} on those images (classifier - PatchCore "
+                   f"{compare('classifier - PatchCore', 'the classifier', 'PatchCore', scenario='unseen-type')}).")
+        fused_unseen = mean(scenario="unseen-type", method="fused")
+        if fused_unseen:
+            out.append(f"Fused, on the unseen types: {say(fused_unseen)} (fused - PatchCore "
+                       f"{compare('fused - PatchCore', 'the fused detector', 'PatchCore', scenario='unseen-type')}).")
         worst = min((r for r in rows if r["scenario"] == "unseen-type" and r["method"] == "classifier"
                      and r["metric"] == "image_auroc" and r["category"] in categories), key=lambda r: r["value"])
         out.append(f"The classifier's worst unseen type is {worst['category']}/{worst['held_out']} "
                    f"(seed {worst['seed']}): image AUROC {worst['value']:.3f}.")
-    curve = [(t, mean(scenario="few-shot", method="classifier", tag=t)) for t in classifier_ks(rows, "few-shot", categories)]
+    curve = classifier_ks(rows, "few-shot", categories)
     if pc and curve:
-        match = next((t for t, m in curve if m and m[0] >= pc[0]), None)
-        out.append("On the few-shot curve the classifier " + (
-            f"first matches PatchCore at {match} labelled images per type." if match else
-            f"stays below PatchCore at every tested k (best {max(m[0] for _, m in curve):.3f})."))
+        reads = {}
+        for t in curve:
+            d = paired(scored, categories, "classifier - PatchCore", scenario="all-types", tag=t)
+            if d:
+                reads.setdefault({"first ahead": "above PatchCore", "second ahead": "below PatchCore",
+                                  "not distinguishable": "not distinguishable from PatchCore"}[verdict(d)], []).append(t)
+        out.append("On the few-shot curve the classifier is " + "; ".join(
+            f"{read} at {', '.join(ts)}" for read, ts in reads.items()) + " (paired 95 % intervals).")
     return " ".join(out) or "Not enough finished runs for findings."
 
 
 def plot_all(rows: list[dict], categories: list[str], out: Path) -> list[str]:
-    """fewshot.png, seen_unseen.png, roc.png in `out`; returns the file names written."""
+    """fewshot.png and seen_unseen.png in `out`; returns the file names written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
-    # Image AUROC vs number of labelled defects, per category
+    # Image AUROC vs number of labelled defects, per category: the classifier and the fused detector
     fig, axes = plt.subplots(1, len(categories), figsize=(4 * len(categories), 3.4), squeeze=False)
     for ax, c in zip(axes[0], categories):
-        xs, ys, es = [], [], []
-        for tag in classifier_ks(rows, "few-shot", [c]):
-            n = per_seed(rows, [c], scenario="few-shot", method="classifier", tag=tag, metric="n_labelled")
-            v = per_seed(rows, [c], scenario="few-shot", method="classifier", tag=tag, metric="image_auroc")
-            xs.append(np.mean(n)), ys.append(np.mean(v)), es.append(np.std(v))
-        ax.errorbar(xs, ys, es, marker="o", capsize=3, label="classifier")
+        for method, marker in (("classifier", "o"), ("fused", "^")):
+            xs, ys, es = [], [], []
+            for tag in classifier_ks(rows, "few-shot", [c]):
+                v = per_seed(rows, [c], scenario="few-shot", method=method, tag=tag, metric="image_auroc")
+                if v:
+                    n = per_seed(rows, [c], scenario="few-shot", method="classifier", tag=tag, metric="n_labelled")
+                    xs.append(np.mean(n)), ys.append(np.mean(v)), es.append(np.std(v))
+            if xs:
+                ax.errorbar(xs, ys, es, marker=marker, capsize=3, label=method)
         pc = per_seed(rows, [c], scenario="few-shot", method="patchcore", metric="image_auroc")
         if pc:
-            ax.axhline(np.mean(pc), color="C1", ls="--")
-            ax.errorbar([0], [np.mean(pc)], [np.std(pc)], marker="s", color="C1", capsize=3, label="PatchCore (0 labels)")
+            ax.axhline(np.mean(pc), color="C2", ls="--")
+            ax.errorbar([0], [np.mean(pc)], [np.std(pc)], marker="s", color="C2", capsize=3, label="PatchCore (0 labels)")
         ax.set(title=c, xlabel="labelled defect images", ylabel="image AUROC")
         ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(out / "fewshot.png", dpi=90), plt.close(fig)
     written.append("fewshot.png")
     # Seen vs unseen bars per method, per category (mean over defect types)
     groups = [("classifier, seen", "seen-type", "classifier"), ("classifier, unseen", "unseen-type", "classifier"),
-              ("PatchCore", "unseen-type", "patchcore")]
+              ("PatchCore", "unseen-type", "patchcore"), ("fused, unseen", "unseen-type", "fused")]
     if select(rows, scenario="unseen-type"):
-        fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(categories), 3.4))
+        fig, ax = plt.subplots(figsize=(2.4 + 2 * len(categories), 3.4))
+        width = 0.8 / len(groups)
         for g, (label, sc, m) in enumerate(groups):
             vals = [per_seed(rows, [c], scenario=sc, method=m, metric="image_auroc") for c in categories]
-            ax.bar(np.arange(len(categories)) + (g - 1) * 0.27, [np.mean(v) if v else 0 for v in vals], 0.27,
-                   yerr=[np.std(v) if v else 0 for v in vals], capsize=3, label=label)
+            ax.bar(np.arange(len(categories)) + (g - (len(groups) - 1) / 2) * width,
+                   [np.mean(v) if v else 0 for v in vals], width, yerr=[np.std(v) if v else 0 for v in vals],
+                   capsize=3, label=label)
         ax.set_xticks(np.arange(len(categories)), categories)
         ax.set(ylabel="image AUROC (good + one type)", ylim=(0, 1.05), title="seen vs unseen defect types")
         ax.legend(fontsize=8, loc="lower right")
@@ -386,9 +609,11 @@ def plot_all(rows: list[dict], categories: list[str], out: Path) -> list[str]:
     return written
 
 
-def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], categories: list[str], out: Path, device: str) -> list[str]:
-    """roc.png (first seed, all-types, largest k) and heatmaps.png (one evaluation image per defect type, both
-    methods' maps; each method's maps scaled to [0, 1] over the images shown). Needs the saved models."""
+def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], scored: list[Scored], categories: list[str], out: Path,
+                           device: str) -> list[str]:
+    """roc.png (first seed, all-types, largest k: the three methods) and heatmaps.png (one evaluation image per
+    defect type, both methods' maps; each method's maps scaled to [0, 1] over the images shown). Needs the saved
+    models for the heatmaps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -398,31 +623,32 @@ def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], categories: list[s
         tags = classifier_ks(rows, "all-types", [c])
         seeds = sorted({r["seed"] for r in select(rows, category=c)})
         if tags and seeds:
-            base = study_dir / c / f"seed{seeds[0]}"
-            pairs.append((c, base / "patchcore" / "all", base / "classify" / tags[-1]))
+            pairs.append((c, seeds[0], tags[-1]))
     if not pairs:
         return written
     fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.4), squeeze=False)
-    for ax, (c, pc_dir, cl_dir) in zip(axes[0], pairs):
-        for name, d in (("PatchCore", pc_dir), (f"classifier {cl_dir.name}", cl_dir)):
-            _, labels, _, scores = read_scores(d / "scores.csv")
-            fpr, tpr, _ = roc_curve(labels, scores)
-            ax.plot(fpr, tpr, label=f"{name} ({metrics.image_auroc(labels, scores):.3f})")
+    for ax, (c, seed, tag) in zip(axes[0], pairs):
+        for name, where in (("PatchCore", dict(method="patchcore")), (f"classifier {tag}", dict(method="classifier", tag=tag)),
+                            (f"fused {tag}", dict(method="fused", tag=tag))):
+            for s in select(scored, category=c, seed=seed, scenario="all-types", **where):
+                fpr, tpr, _ = roc_curve(s.labels, s.scores)
+                ax.plot(fpr, tpr, label=f"{name} ({metrics.image_auroc(s.labels, s.scores):.3f})")
         ax.plot([0, 1], [0, 1], color="gray", lw=0.5)
-        ax.set(title=c, xlabel="false positive rate", ylabel="true positive rate")
+        ax.set(title=f"{c}, seed {seed}", xlabel="false positive rate", ylabel="true positive rate")
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout(), fig.savefig(out / "roc.png", dpi=90), plt.close(fig)
     written.append("roc.png")
 
     dev = backbones.pick_device(device)
     panels = []
-    for c, pc_dir, cl_dir in pairs:
+    for c, seed, tag in pairs:
+        pc_dir, cl_dir = study_dir / c / f"seed{seed}" / "patchcore" / "all", study_dir / c / f"seed{seed}" / "classify" / tag
         if not (pc_dir / "memory_bank").is_dir() or not (cl_dir / "model.pt").is_file():
             print(f"heatmaps: no saved models for {c}, skipped")
             continue
         info = json.loads((pc_dir / "study.json").read_text())
         _, test = data.load_category(info["data_root"], c)
-        paths, _, types, _ = read_scores(pc_dir / "scores.csv")
+        paths, _, types, _ = data.read_scores(pc_dir / "scores.csv")
         first = {}
         for p, t in zip(paths, types):
             first.setdefault(t, p)
@@ -437,9 +663,9 @@ def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], categories: list[s
     if panels:
         fig, axes = plt.subplots(len(panels), 4, figsize=(8, 2.1 * len(panels)), squeeze=False)
         for row, (c, s, pc_map, cl_map) in zip(axes, panels):
-            image = data.read_image(s.path).resize(pc_map.shape[::-1])
-            mask = data.read_mask(s, data.read_image(s.path).size)
-            mask = data.mask_to_tensor(mask, pc_map.shape[0])[0].numpy()  # (S, S) as the maps
+            original = data.read_image(s.path)
+            image = original.resize(pc_map.shape[::-1])
+            mask = data.mask_to_tensor(data.read_mask(s, original.size), pc_map.shape[0])[0].numpy()  # (S, S)
             row[0].imshow(image), row[1].imshow(mask, cmap="gray")
             row[2].imshow(image), row[2].imshow(pc_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
             row[3].imshow(image.resize(cl_map.shape[::-1])), row[3].imshow(cl_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
@@ -452,21 +678,29 @@ def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], categories: list[s
 
 
 def report(study_dir: Path, device: str = "cpu") -> str:
-    """results.csv, report.md and the plots of a study folder, from its saved runs; returns the report text."""
-    rows = collect(study_dir)
-    categories = sorted({r["category"] for r in rows})
-    write_results(rows, study_dir / "results.csv")
-    plots = plot_all(rows, categories, study_dir) + plot_rocs_and_heatmaps(study_dir, rows, categories, study_dir,
-                                                                          device)
+    """results.csv, differences.csv, report.md and the plots of a study folder, from its saved runs; returns the
+    report text."""
+    scored = collect(study_dir)
+    rows = result_rows(scored)
+    categories = sorted({s.category for s in scored})
+    write_csv(rows, ["category", "scenario", "method", "seed", "tag", "held_out", "n_labelled", "metric", "value"],
+              study_dir / "results.csv")
+    write_csv(difference_rows(scored), ["category", "scenario", "seed", "tag", "held_out", "comparison",
+                                        "difference", "low", "high", "real"], study_dir / "differences.csv")
+    plots = plot_all(rows, categories, study_dir) + plot_rocs_and_heatmaps(study_dir, rows, scored, categories,
+                                                                          study_dir, device)
     parts = ["# Classifier vs PatchCore: study report", "",
-             f"Study folder `{study_dir}`; {len(categories)} categories, seeds "
-             f"{sorted({r['seed'] for r in rows})}; every number is mean ± std over seeds. Generated by evaluate.py "
-             "from the runs' scores.csv (image metrics) and metrics.json (pixel metrics, costs).", "",
-             "## Findings", "", findings(rows, categories), ""]
+             f"Study folder `{study_dir}`; {len(categories)} categories, seeds {sorted({s.seed for s in scored})}. "
+             "Every number is mean ± std over seeds; intervals are 95 % stratified bootstrap intervals over the "
+             f"evaluation images ({metrics.BOOTSTRAP_RESAMPLES} resamples, pooled over seeds and categories), "
+             "paired when two methods are compared on the same images. The fused detector is the larger of the "
+             "two methods' scores, each in standard deviations of its held-out normal scores. Generated by "
+             "evaluate.py from the runs' scores.csv (image metrics) and metrics.json (pixel metrics, costs).", "",
+             "## Findings", "", findings(rows, scored, categories), ""]
     scopes = ([("Mean over categories", categories)] if len(categories) > 1 else []) + [(c, [c]) for c in categories]
     for scope, cats in scopes:
         parts += [f"## {scope}", ""]
-        for title, table in tables(rows, cats).items():
+        for title, table in tables(rows, scored, cats).items():
             parts += [f"### {title}", "", table, ""]
     parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     text = "\n".join(parts)

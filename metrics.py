@@ -3,17 +3,25 @@ pixel AUROC, AUPRO. classify.py, patchcore.py and evaluate.py all import them fr
 
 Labels: 0 good, 1 defect. Scores and maps: higher = more anomalous; a sample is flagged at score >= t.
 
-    python metrics.py --scores runs/patchcore/tire/scores.csv         # image metrics of a run's scores.csv
+    python metrics.py --scores runs/patchcore/tire/scores.csv          # image AUROC with its 95 % interval, AP, F1
+    python metrics.py --scores runs/a/scores.csv --compare runs/b/scores.csv   # paired difference on the same images
 """
 from __future__ import annotations
+
+import argparse
+import sys
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+import data
+
 NORMAL_QUANTILE = 0.99  # deployable threshold: at most 1% of held-out normal images score above it
 AUPRO_FPR_LIMIT = 0.3   # Bergmann et al. (MVTec AD, IJCV 2021) integrate the PRO curve up to 30% pixel FPR
 PIXEL_CHUNK = 1 << 20   # anomalous pixels handled per step in the curve integral: bounds memory at any defect size
+BOOTSTRAP_RESAMPLES = 2000  # resamples of the evaluation images behind every interval
+CONFIDENCE = 0.95
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,3 +191,99 @@ def compute_metrics(labels, scores, masks=None, maps=None, has_mask=None) -> dic
             "n_images": int(labels.size),
             "n_defects": int(labels.sum()),
             "n_pixel_images": n_pixel_images}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Uncertainty: stratified bootstrap over evaluation images (both classes keep their size in every resample, so
+# every resample has an AUROC), vectorised through AUROC = mean over (defect, good) pairs of [defect scores higher].
+# Resampling the images of a paired comparison once and scoring both methods on each resample gives the paired
+# interval of their difference. Resamples are drawn from `seed` alone: the same seed and the same number of
+# defects and good images give the same resamples, which is what pairs two methods on identical images.
+# ----------------------------------------------------------------------------------------------------------------
+def bootstrap_counts(n_pos: int, n_neg: int, seed: int,
+                     n_resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """How often each defect (R, n_pos) and each good image (R, n_neg) is drawn in each of R resamples."""
+    rng = np.random.default_rng(seed)
+    return (rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=n_resamples),
+            rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=n_resamples))
+
+
+def auroc_resamples(labels, scores, counts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Image AUROC of every resample (R,); counts from bootstrap_counts for these labels' class sizes."""
+    labels, scores = _binary(labels, scores)
+    pos, neg = scores[labels == 1], scores[labels == 0]  # (P,), (Q,)
+    wins = (pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])  # (P, Q) 1, 1/2 on a tie, 0
+    c_pos, c_neg = counts  # (R, P), (R, Q)
+    if c_pos.shape[1] != pos.size or c_neg.shape[1] != neg.size:
+        raise ValueError(f"counts are for {c_pos.shape[1]} defects and {c_neg.shape[1]} good images, "
+                         f"got {pos.size} and {neg.size}.")
+    return np.einsum("rp,pq,rq->r", c_pos, wins, c_neg) / (pos.size * neg.size)  # (R,)
+
+
+def interval(resamples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile interval holding `confidence` of the resampled values."""
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(resamples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def auroc_interval(labels, scores, seed: int = 0, n_resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """95 % bootstrap interval of one image AUROC, over its evaluation images."""
+    labels = np.asarray(labels).ravel()
+    counts = bootstrap_counts(int((labels == 1).sum()), int((labels == 0).sum()), seed, n_resamples)
+    return interval(auroc_resamples(labels, scores, counts))
+
+
+def paired_auroc_difference(labels, scores_a, scores_b, seed: int = 0,
+                            n_resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float, float]:
+    """(AUROC(a) - AUROC(b), and its 95 % paired bootstrap interval): both methods scored the same images, in the
+    same order, and every resample draws the same images for both."""
+    labels = np.asarray(labels).ravel()
+    counts = bootstrap_counts(int((labels == 1).sum()), int((labels == 0).sum()), seed, n_resamples)
+    diff = auroc_resamples(labels, scores_a, counts) - auroc_resamples(labels, scores_b, counts)  # (R,)
+    return image_auroc(labels, scores_a) - image_auroc(labels, scores_b), *interval(diff)
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    """A difference counts as real only when its whole interval lies on one side of 0."""
+    return low > 0 or high < 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict:
+    """Image metrics of one scores.csv, with the AUROC interval; with --compare, the paired difference."""
+    paths, labels, _, scores = data.read_scores(args.scores)
+    out = {"image_auroc": image_auroc(labels, scores), "average_precision": average_precision(labels, scores),
+           "f1_max": f1_max(labels, scores)[0]}
+    out["image_auroc_low"], out["image_auroc_high"] = auroc_interval(labels, scores, args.seed, args.resamples)
+    if args.compare:
+        other = dict(zip(*data.read_scores(args.compare)[::3]))
+        if set(paths) != set(other):
+            raise data.DataError(f"{args.compare} does not score the same images as {args.scores}")
+        diff, low, high = paired_auroc_difference(labels, scores, [other[p] for p in paths], args.seed,
+                                                  args.resamples)
+        out.update(difference=diff, difference_low=low, difference_high=high)
+    for key, value in out.items():
+        print(f"{key:<22}{value:>10.4f}")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scores", required=True, help="a scores.csv written by classify.py or patchcore.py")
+    p.add_argument("--compare", default=None, help="a second scores.csv of the same images: paired difference")
+    p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:  # data.DataError included
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

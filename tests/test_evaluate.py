@@ -8,6 +8,7 @@ import pytest
 
 import data
 import evaluate
+import patchcore
 
 
 def study_args(**over):
@@ -45,15 +46,15 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def fake_run(root, method, tag, role, labels, types, scores, threshold, n_labelled, held_out=None, reference=None,
-             seed=0, category="cat"):
-    """One finished run as the scripts leave it: scores.csv, metrics.json, study.json."""
+def fake_run(root, method, tag, role, paths, labels, scores, threshold, n_labelled, heldout, held_out=None,
+             reference=None, seed=0, category="cat"):
+    """One finished run as the scripts leave it: scores.csv, heldout_scores.csv, metrics.json, study.json."""
     d = root / category / f"seed{seed}" / ("classify" if method == "classifier" else method) / tag
     d.mkdir(parents=True)
-    with open(d / "scores.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "defect_type", "score"])
-        w.writerows([f"/img/{t}/{i}.png", l, t, s] for i, (l, t, s) in enumerate(zip(labels, types, scores)))
+    for name, rows in (("scores.csv", [(p, l, p.split("/")[2], s) for p, l, s in zip(paths, labels, scores)]),
+                       ("heldout_scores.csv", [(p, 0, "good", s) for p, s in heldout.items()])):
+        with open(d / name, "w", newline="") as f:
+            csv.writer(f).writerows([["path", "label", "defect_type", "score"], *rows])
     cost = {"fit_seconds": 2.0} if method == "patchcore" else {"train_seconds": 10.0}
     data.write_json(d / "metrics.json", {"threshold": threshold, "pixel_auroc": 0.9, "aupro": 0.8, "ms_per_image": 5.0,
                                          "params_millions": 1.5, "peak_rss_mb": 100.0, **cost})
@@ -62,18 +63,24 @@ def fake_run(root, method, tag, role, labels, types, scores, threshold, n_labell
                                        "data_root": str(root)})
 
 
+G, A, B = ["/img/good/0.png", "/img/good/1.png"], ["/img/a/2.png", "/img/a/3.png"], ["/img/b/4.png", "/img/b/5.png"]
+HELDOUT = ["/img/held/0.png", "/img/held/1.png", "/img/held/2.png"]
+
+
+def fake_study(root):
+    """PatchCore finds type a, not b; the classifier finds b, not a: each alone is imperfect, fused they are not."""
+    fake_run(root, "patchcore", "all", "all-types", G + A + B, [0, 0, 1, 1, 1, 1], [1.0, 1.1, 5, 6, 1.05, 0.95],
+             1.21, 0, dict(zip(HELDOUT[:2], [1.0, 1.2])))
+    fake_run(root, "classifier", "k1", "all-types", G + A + B, [0, 0, 1, 1, 1, 1],
+             [0.01, 0.02, 0.015, 0.012, 0.9, 0.95], 0.021, 2, dict(zip(HELDOUT, [0.01, 0.02, 0.015])))
+    # trained without b: b scores like good -> on good + b: (0.012 > 0.01), (0.012 < 0.02), (0.018 > 0.01),
+    # (0.018 < 0.02) -> AUROC 2/4
+    fake_run(root, "classifier", "unseen-b-k1", "unseen-type", G + B, [0, 0, 1, 1], [0.01, 0.02, 0.012, 0.018],
+             0.021, 1, dict(zip(HELDOUT, [0.01, 0.02, 0.015])), held_out="b", reference="k1")
+
+
 def test_runs_mode_rebuilds_known_tables(tmp_path):
-    types = ["good", "good", "a", "a", "b", "b"]
-    labels = [0, 0, 1, 1, 1, 1]
-    # PatchCore ranks every defect above every good image: AUROC 1.0
-    fake_run(tmp_path, "patchcore", "all", "all-types", labels, types, [0.1, 0.2, 0.9, 0.8, 0.7, 0.6], 0.65, 0)
-    fake_run(tmp_path, "patchcore", "unseen-b", "unseen-type", [0, 0, 1, 1], ["good", "good", "b", "b"],
-             [0.1, 0.2, 0.7, 0.6], 0.65, 0, held_out="b")
-    # classifier k1: type a perfectly, type b below the good images -> AUROC (4 + 0) / 8 = 0.5 overall
-    fake_run(tmp_path, "classifier", "k1", "all-types", labels, types, [0.3, 0.4, 0.9, 0.8, 0.2, 0.1], 0.45, 2)
-    # trained without b: b scores like good -> on good + b: pairs (0.35>0.3), (0.35<0.4), (0.3=0.3), (0.3<0.4) -> 1.5/4
-    fake_run(tmp_path, "classifier", "unseen-b-k1", "unseen-type", [0, 0, 1, 1], ["good", "good", "b", "b"],
-             [0.3, 0.4, 0.35, 0.3], 0.45, 1, held_out="b", reference="k1")
+    fake_study(tmp_path)
     text = evaluate.main(["--runs", str(tmp_path), "--device", "cpu"])
     rows = read_csv(tmp_path / "results.csv")
 
@@ -81,17 +88,54 @@ def test_runs_mode_rebuilds_known_tables(tmp_path):
         hits = [float(r["value"]) for r in rows if all(r[k] == str(v) for k, v in where.items())]
         assert len(hits) == 1, where
         return hits[0]
-    assert value(scenario="all-types", method="patchcore", metric="image_auroc") == 1.0
-    assert value(scenario="all-types", method="classifier", tag="k1", metric="image_auroc") == 0.5
+    # PatchCore: a above both good images (4 of 4 pairs), b above one good image once (1 of 4): 5/8
+    assert value(scenario="all-types", method="patchcore", metric="image_auroc") == 0.625
+    assert value(scenario="all-types", method="classifier", tag="k1", metric="image_auroc") == 0.75
     assert value(scenario="all-types", method="classifier", tag="k1", metric="recall_at_threshold") == 0.5
-    assert value(scenario="seen-type", method="classifier", held_out="b", metric="image_auroc") == 0.0
-    assert value(scenario="unseen-type", method="classifier", held_out="b", metric="image_auroc") == 0.375
-    assert value(scenario="unseen-type", method="patchcore", held_out="b", metric="image_auroc") == 1.0
-    assert "| b | 0.000 | 0.375 | 1.000 |" in text  # seen vs unseen vs PatchCore, same images
-    assert "| PatchCore | 0 | 1.000 | 1.000 | 1.000 |" in text
-    assert "classifier scores 0.375, against 0.000" in text  # the generated findings use the numbers
+    assert value(scenario="seen-type", method="classifier", held_out="b", metric="image_auroc") == 1.0
+    assert value(scenario="unseen-type", method="classifier", held_out="b", metric="image_auroc") == 0.5
+    # PatchCore's unseen-type row: its all-types scores of good + b (1.05 > 1.0 only): 1/4, with no run of its own
+    assert value(scenario="unseen-type", method="patchcore", held_out="b", metric="image_auroc") == 0.25
+    # Fused: each calibrated on its held-out normals, the larger kept: every defect above every good image, and the
+    # threshold from the two held-out normals both methods scored flags every defect and no good image
+    assert value(scenario="all-types", method="fused", tag="k1", metric="image_auroc") == 1.0
+    assert value(scenario="all-types", method="fused", tag="k1", metric="recall_at_threshold") == 1.0
+    assert value(scenario="all-types", method="fused", tag="k1", metric="fpr_at_threshold") == 0.0
+    assert value(scenario="unseen-type", method="fused", held_out="b", metric="image_auroc") == 0.5
+    # Intervals: a perfect AUROC has the interval [1, 1]; an imperfect one contains its value
+    assert value(scenario="all-types", method="fused", tag="k1", metric="image_auroc_low") == 1.0
+    low = value(scenario="all-types", method="classifier", tag="k1", metric="image_auroc_low")
+    high = value(scenario="all-types", method="classifier", tag="k1", metric="image_auroc_high")
+    assert low < 0.75 < high
+    assert "| b | 1.000 | 0.500 | 0.250 | 0.500 |" in text  # seen vs unseen vs PatchCore vs fused, same images
+    assert "| PatchCore | 0 | 0.625 |" in text and "| fused k1 | 2 | 1.000 | [1.000, 1.000] |" in text
+    assert "classifier scores 0.500, against 1.000" in text  # the generated findings use the numbers
+    diffs = read_csv(tmp_path / "differences.csv")
+    assert {d["comparison"] for d in diffs} == {"classifier - PatchCore", "fused - PatchCore", "fused - classifier",
+                                                "classifier unseen - seen"}
     assert (tmp_path / "report.md").read_text() == text
-    assert (tmp_path / "fewshot.png").stat().st_size > 0 and (tmp_path / "roc.png").stat().st_size > 0
+    for plot in ("fewshot.png", "roc.png", "seen_unseen.png"):
+        assert (tmp_path / plot).stat().st_size > 0
+
+
+def test_fused_threshold_is_set_on_normal_images_only(tmp_path):
+    fake_study(tmp_path)
+    scored = evaluate.collect(tmp_path)
+    pc = next(s for s in scored if s.method == "patchcore" and s.scenario == "all-types")
+    cl = next(s for s in scored if s.method == "classifier" and s.scenario == "all-types")
+    pc_normals, cl_normals = dict(zip(HELDOUT[:2], [1.0, 1.2])), dict(zip(HELDOUT, [0.01, 0.02, 0.015]))
+    fused = evaluate.fuse(pc, pc_normals, cl, cl_normals)
+    changed = cl.on(cl.paths)
+    changed.scores = changed.scores.copy()
+    changed.scores[changed.labels == 1] = [0.5, 0.99, 0.001, 0.3]  # every test anomaly scores differently
+    again = evaluate.fuse(pc, pc_normals, changed, cl_normals)
+    assert again.threshold == fused.threshold and not np.array_equal(again.scores, fused.scores)
+    # ... while a held-out normal image does move it
+    moved = evaluate.fuse(pc, pc_normals, cl, {**cl_normals, HELDOUT[1]: 0.05})
+    assert moved.threshold != fused.threshold
+    # Calibration: held-out normal scores become mean 0, standard deviation 1
+    z = evaluate.calibrated("patchcore", np.array([1.0, 1.2]), np.array([1.0, 1.2]))
+    assert z.mean() == pytest.approx(0) and z.std(ddof=1) == pytest.approx(1)
 
 
 def test_runs_mode_without_runs_is_one_sentence(tmp_path):
@@ -117,14 +161,28 @@ def test_tiny_study_end_to_end(synth_root, tmp_path):
     for scenario in ("all-types", "unseen-type", "few-shot", "seen-type"):
         for method in ("classifier", "patchcore"):
             assert (scenario, method) in combos
-    # both methods scored exactly the same evaluation images in every scenario
+    # both methods and the fused detector scored exactly the same evaluation images in every scenario; PatchCore's
+    # unseen-type scores are its all-types scores of those images, the same as a second scoring pass would give
     base = out / "weave" / "seed0"
+    pc_all = dict(zip(*data.read_scores(base / "patchcore" / "all" / "scores.csv")[::3]))
     for held_out in ("hole", "stain"):
-        pc = [r["path"] for r in read_csv(base / "patchcore" / f"unseen-{held_out}" / "scores.csv")]
-        cl = [r["path"] for r in read_csv(base / "classify" / f"unseen-{held_out}-k1" / "scores.csv")]
-        assert pc == cl and all(f"/test/{held_out}/" in p or "/test/good/" in p for p in pc)
-        trained = json.loads((base / "classify" / f"unseen-{held_out}-k1" / "images.json").read_text())["train"]
+        run = base / "classify" / f"unseen-{held_out}-k1"
+        cl = data.read_scores(run / "scores.csv")[0]
+        assert all(f"/test/{held_out}/" in p or "/test/good/" in p for p in cl)
+        again = patchcore.main(["--data-root", str(root), "--category", "weave", "--load", str(base / "patchcore" / "all"),
+                                "--split", str(base / "splits" / f"unseen-{held_out}-k1.json"),
+                                "--out-dir", str(tmp_path / f"again-{held_out}")])
+        paths, _, _, scores = data.read_scores(tmp_path / f"again-{held_out}" / "scores.csv")
+        assert paths == cl
+        np.testing.assert_allclose([pc_all[p] for p in paths], scores, rtol=1e-5)
+        row = [r for r in rows if (r["scenario"], r["method"], r["held_out"], r["metric"]) ==
+               ("unseen-type", "patchcore", held_out, "image_auroc")]
+        assert len(row) == 1 and float(row[0]["value"]) == pytest.approx(again["image_auroc"])
+        trained = json.loads((run / "images.json").read_text())["train"]
         assert not any(p.startswith(f"test/{held_out}/") for p in trained)
+    assert {(r["scenario"], r["method"]) for r in rows if r["metric"] == "image_auroc"} >= {
+        (sc, "fused") for sc in ("all-types", "unseen-type", "few-shot", "seen-type")}
+    assert not (base / "patchcore" / "unseen-hole").exists()  # no second PatchCore pass
     for title in ("All defect types seen", "Seen vs unseen defect type", "Few-shot", "Costs", "Findings"):
         assert title in text
     # resumable: a second call trains nothing and rebuilds the same tables

@@ -216,3 +216,47 @@ def test_compute_metrics_no_anomalous_pixel_gives_none():
     masks, maps = np.zeros((4, 4, 4), bool), np.random.default_rng(0).random((4, 4, 4))
     m = metrics.compute_metrics(LABELS, SCORES, masks, maps, has_mask=[True, True, False, False])
     assert m["pixel_auroc"] is None and m["aupro"] is None and m["n_pixel_images"] == 2
+
+
+# ---- bootstrap intervals -------------------------------------------------------------------------------------
+def test_bootstrap_resamples_are_the_auroc_of_the_resampled_images():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(7, int), np.ones(11, int)]
+    scores = np.round(rng.normal(size=18) + labels, 1)  # rounded: ties occur and must count half
+    counts = metrics.bootstrap_counts(11, 7, seed=3, n_resamples=50)
+    fast = metrics.auroc_resamples(labels, scores, counts)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    for r in range(50):  # the slow way: build each resample explicitly
+        s = np.r_[np.repeat(pos, counts[0][r]), np.repeat(neg, counts[1][r])]
+        y = np.r_[np.ones(11, int), np.zeros(7, int)]
+        assert fast[r] == pytest.approx(roc_auc_score(y, s))
+    assert counts[0].sum(1).tolist() == [11] * 50 and counts[1].sum(1).tolist() == [7] * 50  # stratified
+
+
+def test_auroc_interval_holds_the_estimate_and_is_seeded():
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(13, int), np.ones(45, int)]
+    scores = rng.normal(size=58) + 1.2 * labels
+    low, high = metrics.auroc_interval(labels, scores, seed=0)
+    assert low < metrics.image_auroc(labels, scores) < high and high - low > 0.05
+    assert metrics.auroc_interval(labels, scores, seed=0) == (low, high)
+    assert metrics.auroc_interval(labels, np.where(labels == 1, 2.0, 1.0), seed=0) == (1.0, 1.0)
+
+
+def test_paired_difference_of_equal_methods_contains_zero():
+    # Two methods of the same quality, each with its own noise, on ~40 images: no real difference to find
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.zeros(12, int), np.ones(28, int)]
+    a, b = rng.normal(size=40) + labels, rng.normal(size=40) + labels
+    diff, low, high = metrics.paired_auroc_difference(labels, a, b, seed=0)
+    assert low < 0 < high and low < diff < high and not metrics.excludes_zero(low, high)
+    assert metrics.paired_auroc_difference(labels, a, a, seed=0) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_of_a_clearly_better_method_excludes_zero():
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(12, int), np.ones(28, int)]
+    good, chance = labels + 0.1 * rng.normal(size=40), rng.normal(size=40)  # AUROC 1.0 vs about 0.5
+    diff, low, high = metrics.paired_auroc_difference(labels, good, chance, seed=0)
+    assert 0 < low < diff < high and metrics.excludes_zero(low, high)
+    assert metrics.excludes_zero(*metrics.paired_auroc_difference(labels, chance, good, seed=0)[1:])
