@@ -10,6 +10,7 @@ image by the distance of each of its patches to the nearest patch in the bank (F
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -34,11 +35,12 @@ N_STARTS = 10  # the approximate greedy coreset starts from the mean distance to
 TOP_CANDIDATES = 4096  # fast coreset: points whose distances are kept exact inside a block (greedy_within)
 CHECK_EVERY = 64  # fast coreset: steps between two host reads of the block's stop condition
 PAIR_CHUNK = 1 << 21  # fast coreset: (point, chosen point) distances per matrix product in apply_chosen
+GPU_MAX_K = 2048  # FAISS's largest k on a GPU
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
               "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size")  # final table
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """Everything needed to rebuild the feature pipeline of a fitted memory bank."""
     backbone: str
@@ -79,21 +81,71 @@ def pool_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(x[:, None], dim)[:, 0]  # (N, 1, D_in) -> (N, 1, dim) -> (N, dim)
 
 
+def aggregate(layers: list[torch.Tensor], s: Settings) -> torch.Tensor:
+    """The paper's aggregation, step by step: [(B, C_l, h_l, w_l)] -> (B, H*W, target_dim) on the first layer's grid."""
+    b, grid = layers[0].shape[0], tuple(layers[0].shape[-2:])
+    per_layer = []
+    for feature in layers:
+        patches = patchify(feature, s.patch_size)  # (B, h_l, w_l, C_l, p, p)
+        if tuple(patches.shape[1:3]) != grid:
+            patches = resize_patches(patches, grid)  # (B, H, W, C_l, p, p)
+        flat = patches.reshape(-1, patches[0, 0, 0].numel())  # (B*H*W, C_l*p*p)
+        per_layer.append(pool_dim(flat, s.pretrain_dim))  # (B*H*W, pretrain_dim)
+    stacked = torch.stack(per_layer, dim=1).flatten(1)  # (B*H*W, L*pretrain_dim)
+    return pool_dim(stacked, s.target_dim).view(b, -1, s.target_dim)  # (B, H*W, target_dim)
+
+
+@functools.lru_cache(maxsize=8)
+def aggregation_kernels(channels: tuple[int, ...], s: Settings) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The same aggregation as one convolution per layer, or None where that would cost more than the steps.
+
+    Every step of aggregate is linear (neighbourhood, bilinear resize, average pooling), so each layer's share of
+    the final feature is a fixed p x p convolution of that layer, resized: its weights are the two poolings applied
+    to the one-hot patch vectors (entry c*p*p + i*p + j is channel c at offset (i, j), F.unfold's order, which is
+    a convolution kernel's). When C_l*p*p <= pretrain_dim (Lite0, EfficientNet-B0/B1) the pooling only repeats or
+    averages pairs of values, and unfold + pool takes several times longer than the convolution; for wide layers
+    (ResNets: C_l*p*p >> pretrain_dim) the steps are cheaper. Returns [(kernel (K_l, C_l, p, p), columns (K_l,))].
+    """
+    p, n_layers = s.patch_size, len(channels)
+    if any(c * p * p > s.pretrain_dim for c in channels):
+        return None
+    kernels = []
+    for l, c in enumerate(channels):
+        pooled = pool_dim(torch.eye(c * p * p), s.pretrain_dim)  # (C_l*p*p, pretrain_dim)
+        stacked = torch.zeros(c * p * p, n_layers, s.pretrain_dim)  # the other layers contribute zeros
+        stacked[:, l] = pooled
+        w = pool_dim(stacked.flatten(1), s.target_dim)  # (C_l*p*p, target_dim) weight of each entry in each output
+        cols = torch.nonzero(w.abs().sum(0)).flatten()  # (K_l,) the outputs this layer feeds
+        kernels.append((w[:, cols].T.reshape(len(cols), c, p, p).contiguous(), cols))
+    return kernels
+
+
+def aggregate_by_convolution(layers: list[torch.Tensor], kernels: list[tuple[torch.Tensor, torch.Tensor]],
+                             s: Settings) -> torch.Tensor:
+    """aggregate's result through aggregation_kernels: [(B, C_l, h_l, w_l)] -> (B, H*W, target_dim)."""
+    grid = tuple(layers[0].shape[-2:])
+    features = layers[0].new_zeros(layers[0].shape[0], s.target_dim, *grid)  # (B, target_dim, H, W)
+    for feature, (kernel, cols) in zip(layers, kernels):
+        y = F.conv2d(feature, kernel.to(feature.device), padding=(s.patch_size - 1) // 2)  # (B, K_l, h_l, w_l)
+        if tuple(y.shape[-2:]) != grid:  # resizing after the pooling: the same linear map, on fewer channels
+            y = F.interpolate(y, size=grid, mode="bilinear", align_corners=False)  # (B, K_l, H, W)
+        features[:, cols.to(feature.device)] += y
+    return features.flatten(2).transpose(1, 2)  # (B, target_dim, H, W) -> (B, H*W, target_dim)
+
+
 def embed(extractor: backbones.FeatureExtractor, images: torch.Tensor, s: Settings) -> tuple[torch.Tensor, tuple]:
     """Patch features of a batch: (B, 3, S, S) -> (B, H*W, target_dim) on the first layer's (H, W) grid."""
     with torch.no_grad():
-        layers = extractor(images)  # [(B, C_l, h_l, w_l)], strides 8 and 16
-        grid = tuple(layers[0].shape[-2:])
-        per_layer = []
-        for feature in layers:
-            patches = patchify(feature, s.patch_size)  # (B, h_l, w_l, C_l, p, p)
-            if tuple(patches.shape[1:3]) != grid:
-                patches = resize_patches(patches, grid)  # (B, H, W, C_l, p, p)
-            flat = patches.reshape(-1, patches[0, 0, 0].numel())  # (B*H*W, C_l*p*p)
-            per_layer.append(pool_dim(flat, s.pretrain_dim))  # (B*H*W, pretrain_dim)
-        stacked = torch.stack(per_layer, dim=1).flatten(1)  # (B*H*W, L*pretrain_dim)
-        features = pool_dim(stacked, s.target_dim)  # (B*H*W, target_dim)
-    return features.view(images.shape[0], -1, s.target_dim), grid  # (B, H*W, target_dim)
+        layers = extractor(images.contiguous(memory_format=torch.channels_last))  # [(B, C_l, h_l, w_l)]
+        kernels = aggregation_kernels(tuple(f.shape[1] for f in layers), s)
+        features = aggregate(layers, s) if kernels is None else aggregate_by_convolution(layers, kernels, s)
+    return features, tuple(layers[0].shape[-2:])
+
+
+@functools.lru_cache(maxsize=2)
+def extractor_for(backbone: str, weights: str, layers: tuple[str, ...], device: torch.device) -> backbones.FeatureExtractor:
+    """The frozen feature extractor, built once per process and device (channels-last: ~30% faster on a CPU)."""
+    return backbones.feature_extractor(backbone, weights, layers).to(device, memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,13 +178,16 @@ def distances_to(z: torch.Tensor, sq_norms: torch.Tensor, q: torch.Tensor, sq_q:
     return out.mul_(-2).add_(sq_norms).add_(sq_q).clamp_min_(0).sqrt_()
 
 
-def greedy_coreset_plain(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_STARTS) -> torch.Tensor:
+def greedy_coreset_plain(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_STARTS,
+                         limit: int | None = None) -> torch.Tensor:
     """The readable reference (Algorithm 1 as in the official code): indices of ratio*N rows of z (N, d), each the
     farthest from those chosen so far. One pass over all N points per chosen point; greedy_coreset is the fast twin.
+    `limit` stops after that many points (benchmarks time a part of a long run).
     """
     n_select, min_dist, sq_norms = coreset_start(z, ratio, seed, n_starts)
     if ratio == 1:
         return torch.arange(len(z), device=z.device)
+    n_select = min(n_select, limit or n_select)
     chosen = torch.empty(n_select, dtype=torch.long, device=z.device)  # on z's device: no host sync per point
     dist = torch.empty_like(min_dist)
     for i in tqdm(range(n_select), desc="coreset (plain)", disable=None, leave=False):
@@ -188,7 +243,7 @@ def apply_chosen(z: torch.Tensor, sq_norms: torch.Tensor, min_dist: torch.Tensor
 
 
 def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_STARTS,
-                   top: int = TOP_CANDIDATES) -> torch.Tensor:
+                   top: int = TOP_CANDIDATES, stats: dict | None = None) -> torch.Tensor:
     """The points greedy_coreset_plain selects, in the same order, many times faster (same distances, same argmax).
 
     The plain loop spends one pass over all N points per chosen point, memory-bound. Here the loop runs in blocks:
@@ -197,7 +252,7 @@ def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_S
     to date with all of the block's chosen points in one set of matrix products (apply_chosen), which a CPU or GPU
     computes many times faster per distance than one pass per point. Only the BLAS kernel summing the d products
     differs from the plain loop, so a distance may differ in its last bit: two points whose distances agree to
-    float32 precision (a tie) can be taken in either order.
+    float32 precision (a tie) can be taken in either order. `stats`, if given, receives the number of blocks.
     """
     n_select, min_dist, sq_norms = coreset_start(z, ratio, seed, n_starts)
     if ratio == 1:
@@ -213,6 +268,8 @@ def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_S
             apply_chosen(z, sq_norms, min_dist, block)
             done += len(block)
             bar.update(len(block))
+            if stats is not None:
+                stats["blocks"] = stats.get("blocks", 0) + 1
     return chosen
 
 
@@ -223,16 +280,20 @@ class NearestNeighbours:
     """Exact L2 search over a memory bank (M, D); on the GPU when FAISS sees one and the device is CUDA."""
 
     def __init__(self, bank: np.ndarray, device: torch.device):
-        self.index = faiss.IndexFlatL2(bank.shape[1])
-        self.index.add(np.ascontiguousarray(bank, dtype=np.float32))
-        self.to(device)
+        index = faiss.IndexFlatL2(bank.shape[1])
+        index.add(np.ascontiguousarray(bank, dtype=np.float32))
+        self._place(index, device)
 
-    def to(self, device: torch.device) -> "NearestNeighbours":
-        """Move the index to the GPU if asked and possible (faiss-gpu with a visible GPU); it stays on CPU otherwise."""
-        if device.type == "cuda" and faiss.get_num_gpus() > 0:
-            self.resources = faiss.StandardGpuResources()  # kept alive as long as the GPU index
-            self.index = faiss.index_cpu_to_gpu(self.resources, device.index or 0, self.index)
-        return self
+    def _place(self, index: faiss.Index, device: torch.device) -> None:
+        """Keep the CPU index (save, reconstructing rows) and search on a GPU copy if asked and possible."""
+        self.cpu, self.index = index, index
+        if device.type == "cuda":
+            if faiss.get_num_gpus() == 0:
+                print("note: FAISS sees no GPU (a CPU-only faiss build?); the nearest-neighbour search runs on the CPU",
+                      file=sys.stderr)
+                return
+            self.resources = faiss.StandardGpuResources()  # must live as long as the GPU index
+            self.index = faiss.index_cpu_to_gpu(self.resources, device.index or 0, index)
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -241,26 +302,24 @@ class NearestNeighbours:
         """(distances, indices) of the k nearest bank rows: (Q, D) -> (Q, k), (Q, k). True L2, not squared."""
         if k > len(self):
             raise ValueError(f"k={k} is larger than the memory bank ({len(self)} patches)")
+        if k > GPU_MAX_K and self.index is not self.cpu:
+            raise ValueError(f"k={k} is more than FAISS searches on a GPU ({GPU_MAX_K}); use --device cpu")
         sq, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return np.sqrt(np.maximum(sq, 0)), idx
 
-    def cpu_index(self) -> faiss.Index:
-        """The index on the CPU (a copy when it lives on the GPU)."""
-        return faiss.index_gpu_to_cpu(self.index) if hasattr(self, "resources") else self.index
-
     def vectors(self, idx: np.ndarray) -> np.ndarray:
-        """Bank rows by index: (...,) -> (..., D)."""
-        cpu = self.cpu_index()
-        return np.stack([cpu.reconstruct(int(i)) for i in idx.ravel()]).reshape(*idx.shape, -1)
+        """Bank rows by index, from the CPU index (no copy of a GPU index): (...,) -> (..., D)."""
+        rows = self.cpu.reconstruct_batch(np.ascontiguousarray(idx.ravel(), dtype=np.int64))  # (n, D)
+        return rows.reshape(*idx.shape, -1)
 
     def save(self, path: Path) -> None:
-        faiss.write_index(self.cpu_index(), str(path))
+        faiss.write_index(self.cpu, str(path))
 
     @classmethod
     def load(cls, path: Path, device: torch.device) -> "NearestNeighbours":
         nn = cls.__new__(cls)
-        nn.index = faiss.read_index(str(path))
-        return nn.to(device)
+        nn._place(faiss.read_index(str(path)), device)
+        return nn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,8 +350,9 @@ class MemoryBank:
 def extract_features(train: Sequence[data.Sample], s: Settings, device: torch.device,
                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch features of every training image (N, D) float16 on CPU, and their random projection (N, 128) on device."""
-    extractor = backbones.feature_extractor(s.backbone, s.weights, s.layers).to(device)
-    loader = data.make_loader(train, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop)
+    extractor = extractor_for(s.backbone, s.weights, s.layers, device)
+    loader = data.make_loader(train, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop,
+                              device=device)
     projection = random_projection(s.target_dim, PROJECTION_DIM, s.seed).to(device)
     # Memory: a 400-image category at 512 px gives ~1.6M patches x 1024 dims. Kept as float32 that is 6.7 GB; we
     # keep float16 on the CPU (3.4 GB; the rounding, ~1e-3 relative, is far below patch-to-patch distances) and
@@ -300,7 +360,7 @@ def extract_features(train: Sequence[data.Sample], s: Settings, device: torch.de
     # (no concatenation copy), so fitting stays well under 12 GB.
     features = projected = None
     for batch in tqdm(loader, desc="features", disable=None, leave=False):
-        f, _ = embed(extractor, batch["image"].to(device), s)  # (B, H*W, D)
+        f, _ = embed(extractor, batch["image"].to(device, non_blocking=True), s)  # (B, H*W, D)
         start = batch["index"][0].item() * f.shape[1]  # the loader does not shuffle: image i -> rows i*H*W...
         f = f.flatten(0, 1)  # (B*H*W, D)
         if features is None:
@@ -337,11 +397,12 @@ def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device
     """Image scores (N,), anomaly maps (N, S, S) and ground-truth masks (N, S, S) bool of samples (all zero for good
     images and missing masks). Every image is scored on its own: batch-independent."""
     s = bank.settings
-    extractor = backbones.feature_extractor(s.backbone, s.weights, s.layers).to(device)
-    loader = data.make_loader(samples, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop)
+    extractor = extractor_for(s.backbone, s.weights, s.layers, device)
+    loader = data.make_loader(samples, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop,
+                              device=device)
     scores, maps, masks = [], [], []
     for batch in tqdm(loader, desc=desc, disable=None, leave=False):
-        images = batch["image"].to(device)
+        images = batch["image"].to(device, non_blocking=True)
         f, grid = embed(extractor, images, s)  # (B, H*W, D)
         f = f.cpu().numpy()
         dist, idx = bank.nn.search(f.reshape(-1, s.target_dim), 1)  # (B*H*W, 1)

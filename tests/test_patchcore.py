@@ -142,6 +142,26 @@ def test_embed_shape_is_stride_8_grid(backbone, weights):
     assert grid == (8, 8) and f.shape == (2, 64, 1024)
 
 
+@pytest.mark.parametrize("channels,patch,pretrain,target", [((40, 112), 3, 1024, 1024), ((5, 11, 3), 3, 120, 64),
+                                                             ((7, 2), 5, 200, 50)])
+def test_aggregation_as_convolution_equals_the_papers_steps(channels, patch, pretrain, target):
+    g = torch.Generator().manual_seed(6)
+    s = patchcore.Settings("efficientnet_lite0", "none", ("a",) * len(channels), 64, None, patch, pretrain, target,
+                           0.1, False, 9, 0)
+    layers = [torch.randn(2, c, 16 // 2 ** i, 16 // 2 ** i, generator=g) for i, c in enumerate(channels)]
+    kernels = patchcore.aggregation_kernels(channels, s)
+    assert kernels is not None
+    steps = patchcore.aggregate(layers, s)  # (2, 256, target) patchify -> resize -> pool -> stack -> pool
+    conv = patchcore.aggregate_by_convolution(layers, kernels, s)
+    assert conv.shape == steps.shape == (2, 256, target)
+    torch.testing.assert_close(conv, steps, rtol=1e-5, atol=1e-6)
+
+
+def test_wide_layers_keep_the_papers_steps():
+    s = settings(backbone="wide_resnet50_2", weights="none")
+    assert patchcore.aggregation_kernels((512, 1024), s) is None  # 512*9 > 1024: unfold + pool is cheaper
+
+
 # ---- scoring properties --------------------------------------------------------------------------------------
 def test_training_image_scores_zero_against_its_own_patches(synth_root):
     train, _ = data.load_category(synth_root, "weave")
@@ -220,7 +240,7 @@ def test_main_writes_results_and_load_reuses_the_bank(synth_root, tmp_path):
     assert again["image_auroc"] == m["image_auroc"]
 
 
-def test_bad_inputs_exit_with_one_sentence_and_no_out_dir(synth_root, tmp_path, capsys):
+def test_bad_inputs_exit_with_one_sentence_and_no_out_dir(synth_root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     base = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--out-dir", str(out)]
     with pytest.raises(SystemExit, match="does not exist"):
@@ -233,6 +253,10 @@ def test_bad_inputs_exit_with_one_sentence_and_no_out_dir(synth_root, tmp_path, 
     shutil.copytree(synth_root / "weave", broken / "weave")
     bad = broken / "weave" / "test" / "hole" / "001.png"
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitting started although a test image is unreadable")
+    monkeypatch.setattr(patchcore, "fit", no_fit)  # the bad test image must be found before any fitting
     with pytest.raises(SystemExit, match="cannot read image .*001.png"):
         patchcore.main(["--data-root", str(broken), "--category", "weave"] + base)
     assert not out.exists() and list(tmp_path.glob(".out*")) == []  # no partial results, no temp folder left
