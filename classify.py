@@ -185,8 +185,8 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, weights:
     model.train(not freeze_trunk)  # linear probe: the trunk stays in eval mode (BN statistics, no dropout)
     total, n = 0.0, 0
     for batch in tqdm(loader, desc=desc, disable=None, leave=False):
-        images = batch["image"].to(device, memory_format=MEMORY_FORMAT)  # (B, 3, S, S)
-        labels = batch["label"].to(device)  # (B,)
+        images = batch["image"].to(device, memory_format=MEMORY_FORMAT, non_blocking=True)  # (B, 3, S, S)
+        labels = batch["label"].to(device, non_blocking=True)  # (B,)
         with autocast(device):
             logits = model(images)  # (B, 2)
         # Imbalance: class-weighted cross-entropy (weights N / (2 N_c)), summed and divided by the batch size.
@@ -218,7 +218,7 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
     flips = args.flips == "both" or (args.flips == "auto" and args.category not in MIRROR_SENSITIVE)
     augment = Augment(args.image_size, flips, args.seed)
     loader = data.make_loader(fit_samples, args.image_size, mean, std, args.batch_size, augment=augment,
-                              shuffle=True, seed=args.seed, cache=True)
+                              shuffle=True, seed=args.seed, cache=True, device=device)
     weights = class_weights([s.label for s in fit_samples]).to(device)
     if args.freeze_trunk:
         model.requires_grad_(False)
@@ -293,13 +293,14 @@ def predict(model: nn.Module, samples: Sequence[data.Sample], backbone: str, ima
     """Defect log-odds (N,), Grad-CAM maps (N, S, S) (None without cam_layer) and masks (N, S, S) of samples.
     Eval mode: every image is scored on its own, so the results do not depend on the batch size."""
     model.eval()
-    loader = data.make_loader(samples, image_size, *backbones.normalization(backbone), batch_size, cache=True)
+    loader = data.make_loader(samples, image_size, *backbones.normalization(backbone), batch_size, cache=True,
+                              device=device)
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # Grad-CAM needs dd/dA only: no graph through the trunk's weights
     log_odds, maps, masks = [], [], []
     try:
         for batch in tqdm(loader, desc="scoring", disable=None, leave=False):
-            images = batch["image"].to(device, memory_format=MEMORY_FORMAT)  # (B, 3, S, S)
+            images = batch["image"].to(device, memory_format=MEMORY_FORMAT, non_blocking=True)  # (B, 3, S, S)
             if cam_layer is None:
                 with torch.no_grad(), autocast(device):
                     logits = model(images).float()  # (B, 2)

@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SCENARIOS = ("all-types", "unseen-type", "few-shot")
@@ -87,8 +88,9 @@ def find_mask(gt_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def load_category(root: str | Path, category: str) -> tuple[list[Sample], list[Sample]]:
-    """(train samples, test samples) of one category, sorted by defect type then file name."""
+def load_category(root: str | Path, category: str, check: bool = True) -> tuple[list[Sample], list[Sample]]:
+    """(train samples, test samples) of one category, sorted by defect type then file name; with `check`, every
+    file is checked first (check_files), so that a bad one fails before any fitting or training."""
     folder = category_dir(root, category)
     good_dir = folder / "train" / "good"
     train_files = list_images(good_dir) if good_dir.is_dir() else []
@@ -115,7 +117,33 @@ def load_category(root: str | Path, category: str) -> tuple[list[Sample], list[S
     if missing_masks:  # allowed (users' own data): pixel metrics skip these images
         warnings.warn(f"{len(missing_masks)} defect images have no mask in {folder / 'ground_truth'} "
                       f"(first: {missing_masks[0]}); pixel metrics skip them", stacklevel=2)
+    if check:
+        check_files(train + test)
     return train, test
+
+
+def file_size(path: str, what: str = "image") -> tuple[int, int]:
+    """(W, H) of an image file after PIL's integrity check, without decoding the pixels: for PNG every chunk's
+    checksum is read, so a truncated or corrupted file fails here; other formats are checked as far as PIL can."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+        return size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from None
+
+
+def check_files(samples: Sequence[Sample]) -> None:
+    """Every image and mask opens and passes its integrity check, and every mask has its image's size: about 1 ms
+    a file, so a bad file is found before minutes or hours of fitting, with the sentence the readers would give."""
+    for s in tqdm(samples, desc="checking files", disable=None, leave=False):
+        size = file_size(s.path)
+        if s.mask_path is not None:
+            mask_size = file_size(s.mask_path, "mask")
+            if mask_size != size:
+                raise DataError(mask_size_error(s.mask_path, mask_size, s.path, size))
+
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -144,9 +172,13 @@ def read_mask(sample: Sample, image_size: tuple[int, int]) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read mask {sample.mask_path}: {e}") from None
     if mask.shape[::-1] != tuple(image_size):
-        raise DataError(f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} px but its image "
-                        f"{sample.path} is {image_size[0]}x{image_size[1]} px")
+        raise DataError(mask_size_error(sample.mask_path, mask.shape[::-1], sample.path, image_size))
     return mask
+
+
+def mask_size_error(mask_path: str, mask_size: tuple[int, int], image_path: str, image_size: tuple[int, int]) -> str:
+    return (f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} px but its image {image_path} is "
+            f"{image_size[0]}x{image_size[1]} px")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,11 +238,14 @@ class MVTecDataset(torch.utils.data.Dataset):
 
 
 def make_loader(samples: Sequence[Sample], image_size: int, mean, std, batch_size: int, center_crop=None,
-                augment=None, shuffle: bool = False, seed: int = 0, cache: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over samples; shuffling uses its own seeded generator. No worker processes (2-core machines)."""
+                augment=None, shuffle: bool = False, seed: int = 0, cache: bool = False,
+                device: torch.device | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over samples; shuffling uses its own seeded generator. No worker processes (2-core machines).
+    For a CUDA device the batches come in pinned memory, so that .to(device, non_blocking=True) overlaps."""
     return torch.utils.data.DataLoader(
         MVTecDataset(samples, image_size, mean, std, center_crop, augment, cache), batch_size=batch_size,
-        shuffle=shuffle, generator=torch.Generator().manual_seed(seed), num_workers=0)
+        shuffle=shuffle, generator=torch.Generator().manual_seed(seed), num_workers=0,
+        pin_memory=device is not None and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests of classify.py: the fine-tuned normal-vs-defect classifier on the synthetic tree (CPU, Lite0, 64-128 px)."""
 import csv
+import shutil
 import json
 from pathlib import Path
 
@@ -43,8 +44,11 @@ def test_separates_seen_defect_types_and_writes_every_file(synth_root_128, tmp_p
     assert metrics["pixel_auroc"] > 0.6, metrics  # Grad-CAM points at the defects, if coarsely (stride 32)
     assert sum(line.startswith("epoch ") for line in printed.splitlines()) == 8  # one line per epoch
     assert f"{'image_auroc':<22}{metrics['image_auroc']:>12.4g}" in printed  # the table shows the file's numbers
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "images.json", "maps", "metrics.json",
-                                                     "model.pt", "scores.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "heldout_scores.csv", "images.json", "maps",
+                                                     "metrics.json", "model.pt", "scores.csv"]
+    normals = data.read_scores(out / "heldout_scores.csv")  # the validation normals the threshold comes from
+    assert (normals[1] == 0).all() and len(normals[0]) == on_disk_count(out) and normals[3].min() >= 0
+    assert metrics["threshold"] == pytest.approx(normals[3].max(), rel=1e-8)  # <= 100 normals: just above their max
     assert len(list((out / "maps").glob("*.png"))) == 2
     on_disk = json.loads((out / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
@@ -54,6 +58,11 @@ def test_separates_seen_defect_types_and_writes_every_file(synth_root_128, tmp_p
     assert 0.0 <= on_disk["fpr_at_threshold"] <= 1.0 and on_disk["n_train_defects"] == 8
     scores = read_scores(out / "scores.csv")
     assert len(scores) == metrics["n_images"] and all(0.0 <= s <= 1.0 for s in scores.values())
+
+
+def on_disk_count(out) -> int:
+    """The number of validation normals a run lists in images.json."""
+    return sum(rel.startswith(("test/good/", "train/good/")) for rel in json.loads((out / "images.json").read_text())["val"])
 
 
 def test_no_evaluation_image_is_trained_or_validated_on(tiny_run, synth_root):
@@ -215,3 +224,17 @@ def test_grad_cam_sums_to_the_log_odds_in_a_pooled_linear_model():
     # each pixel is its additive share of the log-odds: no per-image normalisation, comparable across images
     assert cam.sum(dim=(1, 2)).tolist() == pytest.approx((d - bias).tolist(), abs=1e-4)
     assert all(p.grad is None for p in model.parameters())  # scoring does not touch the weights' gradients
+
+
+def test_unreadable_image_stops_before_training(synth_root, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / "weave", root / "weave")
+    bad = root / "weave" / "test" / "stain" / "002.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started although a test image is unreadable")
+    monkeypatch.setattr(classify, "fit", no_training)
+    with pytest.raises(SystemExit, match=r"^error: cannot read image .*stain/002\.png"):
+        classify.main(["--data-root", str(root), "--category", "weave", *TINY, "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

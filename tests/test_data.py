@@ -330,7 +330,9 @@ def test_unreadable_image_is_named(synth_root, tmp_path, damage):
     path = root / "weave" / "test" / "hole" / "001.png"
     raw = path.read_bytes()
     path.write_bytes({"truncated": raw[:len(raw) // 2], "garbage": bytes(range(256)) * 8, "empty": b""}[damage])
-    _, test = data.load_category(root, "weave")  # listing does not decode
+    with pytest.raises(data.DataError, match=r"cannot read image " + re.escape(str(path))):
+        data.load_category(root, "weave")  # found when the category is loaded, before any fitting
+    _, test = data.load_category(root, "weave", check=False)  # ... and, unchecked, when it is read
     with pytest.raises(data.DataError, match=r"cannot read image " + re.escape(str(path))):
         data.read_image(path)
     i = next(i for i, s in enumerate(test) if s.path == str(path))
@@ -342,7 +344,9 @@ def test_unreadable_mask_is_named(synth_root, tmp_path):
     root = copy_category(synth_root, tmp_path)
     mask_path = root / "weave" / "ground_truth" / "hole" / "002_mask.png"
     mask_path.write_bytes(b"\x89PNG garbage")
-    _, test = data.load_category(root, "weave")
+    with pytest.raises(data.DataError, match=r"cannot read mask " + re.escape(str(mask_path))):
+        data.load_category(root, "weave")
+    _, test = data.load_category(root, "weave", check=False)
     s = next(s for s in test if s.mask_path == str(mask_path))
     with pytest.raises(data.DataError, match=r"cannot read mask " + re.escape(str(mask_path))):
         data.read_mask(s, (64, 64))
@@ -352,10 +356,12 @@ def test_mask_size_differs_from_image(synth_root, tmp_path):
     root = copy_category(synth_root, tmp_path)
     mask_path = root / "weave" / "ground_truth" / "stain" / "000_mask.png"
     Image.fromarray(np.full((24, 32), 255, np.uint8)).save(mask_path)
-    _, test = data.load_category(root, "weave")
-    i, s = next((i, s) for i, s in enumerate(test) if s.mask_path == str(mask_path))
     expected = (f"mask {mask_path} is 32x24 px but its image {root / 'weave' / 'test' / 'stain' / '000.png'} "
                 f"is 64x64 px")
+    with pytest.raises(data.DataError, match=re.escape(expected)):
+        data.load_category(root, "weave")
+    _, test = data.load_category(root, "weave", check=False)
+    i, s = next((i, s) for i, s in enumerate(test) if s.mask_path == str(mask_path))
     with pytest.raises(data.DataError, match=re.escape(expected)):
         data.MVTecDataset(test, 32, *RAW)[i]
 
