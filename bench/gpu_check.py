@@ -104,8 +104,8 @@ def timing(gpu: torch.device, args) -> list[tuple]:
         ms = 1000 * (time.perf_counter() - t0) / len(test)
     peak = torch.cuda.max_memory_allocated(gpu) / 2 ** 20 if gpu.type == "cuda" else float("nan")
     what = f"WRN50 PatchCore 512 px, {len(train)} train images, 10 % coreset ({len(bank.nn)} patches)"
-    return [(f"{what}: fit s", f"{fit_s:.1f}", "", True), (f"{what}: ms per test image", f"{ms:.0f}", "", True),
-            (f"{what}: GPU peak memory MB", f"{peak:.0f}", "", True)]
+    return [(f"{what}: fit s", f"{fit_s:.1f}", "", None), (f"{what}: ms per test image", f"{ms:.0f}", "", None),
+            (f"{what}: GPU peak memory MB", f"{peak:.0f}", "", None)]  # measurements, not checks
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,8 +133,8 @@ def main(argv=None) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"\n{'check':<{width}}  {'value':>16}  {'tolerance':<22}ok")
     for check, value, tolerance, ok in rows:
-        print(f"{check:<{width}}  {value:>16}  {tolerance:<22}{'yes' if ok else 'NO'}")
-    if not all(r[3] for r in rows):
+        print(f"{check:<{width}}  {value:>16}  {tolerance:<22}{'' if ok is None else 'yes' if ok else 'NO'}")
+    if any(r[3] is False for r in rows):
         sys.exit("gpu_check: some checks failed (see the table)")
 
 
