@@ -234,10 +234,10 @@ def greedy_within(z: torch.Tensor, sq_norms: torch.Tensor, min_dist: torch.Tenso
 def apply_chosen(z: torch.Tensor, sq_norms: torch.Tensor, min_dist: torch.Tensor, chosen: torch.Tensor) -> None:
     """min_dist <- min(min_dist, distance to each chosen point), for all N points at once, as matrix products:
     (N, d) x (d, B) in chunks, the same expanded distance as distances_to."""
-    sq_c = sq_norms[chosen]  # (B,)
+    centres, sq_c = z[chosen].T.contiguous(), sq_norms[chosen]  # (d, B), (B,)
     rows = max(1, PAIR_CHUNK // len(chosen))
     for s in range(0, len(z), rows):
-        d2 = torch.addmm(sq_norms[s:s + rows, None], z[s:s + rows], z[chosen].T, alpha=-2).add_(sq_c)  # (r, B)
+        d2 = torch.addmm(sq_norms[s:s + rows, None], z[s:s + rows], centres, alpha=-2).add_(sq_c)  # (r, B)
         nearest = d2.amin(1).clamp_min_(0).sqrt_()  # min of sqrt = sqrt of min: clamp and sqrt are monotone
         torch.minimum(min_dist[s:s + rows], nearest, out=min_dist[s:s + rows])
 
