@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny synthetic MVTec-layout tree, generated once per test session (CPU, seconds)."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,3 +22,11 @@ def synth_root_128(tmp_path_factory) -> Path:
     """The same two categories at 128 px with more images, for the quality checks (AUROC thresholds)."""
     root = tmp_path_factory.mktemp("synth128")
     return data.generate_synthetic(root, size=128, seed=0, n_train=30, n_test_good=10, n_defect=6)
+
+
+def truncated_copy(synth_root: Path, category: str, rel: str, dest: Path) -> Path:
+    """A copy of one synthetic category under dest in which the image `rel` is cut short; returns dest."""
+    shutil.copytree(synth_root / category, dest / category)
+    bad = dest / category / rel
+    bad.write_bytes(bad.read_bytes()[:100])
+    return dest

@@ -1,6 +1,5 @@
 """Tests of classify.py: the fine-tuned normal-vs-defect classifier on the synthetic tree (CPU, Lite0, 64-128 px)."""
 import csv
-import shutil
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from torch import nn
 
 import classify
 import data
+from conftest import truncated_copy
 
 TINY = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "2", "--batch-size", "8",
         "--device", "cpu"]
@@ -227,10 +227,7 @@ def test_grad_cam_sums_to_the_log_odds_in_a_pooled_linear_model():
 
 
 def test_unreadable_image_stops_before_training(synth_root, tmp_path, monkeypatch):
-    root = tmp_path / "data"
-    shutil.copytree(synth_root / "weave", root / "weave")
-    bad = root / "weave" / "test" / "stain" / "002.png"
-    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    root = truncated_copy(synth_root, "weave", "test/stain/002.png", tmp_path / "data")
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started although a test image is unreadable")

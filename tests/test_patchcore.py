@@ -1,7 +1,6 @@
 """PatchCore: coreset, nearest-neighbour wrapper, scoring properties, determinism, files, bad input."""
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 import backbones
 import data
 import patchcore
+from conftest import truncated_copy
 
 CPU = torch.device("cpu")
 
@@ -266,10 +266,7 @@ def test_bad_inputs_exit_with_one_sentence_and_no_out_dir(synth_root, tmp_path, 
         patchcore.main(["--data-root", str(synth_root), "--category", "wave"] + base)
     with pytest.raises(SystemExit, match="coreset-ratio must be in"):
         patchcore.main(["--data-root", str(synth_root), "--category", "weave", "--coreset-ratio", "0"] + base)
-    broken = tmp_path / "broken"
-    shutil.copytree(synth_root / "weave", broken / "weave")
-    bad = broken / "weave" / "test" / "hole" / "001.png"
-    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    broken = truncated_copy(synth_root, "weave", "test/hole/001.png", tmp_path / "broken")
 
     def no_fit(*args, **kwargs):
         raise AssertionError("fitting started although a test image is unreadable")
