@@ -10,13 +10,14 @@ image by the distance of each of its patches to the nearest patch in the bank (F
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -242,6 +243,18 @@ def apply_chosen(z: torch.Tensor, sq_norms: torch.Tensor, min_dist: torch.Tensor
         torch.minimum(min_dist[s:s + rows], nearest, out=min_dist[s:s + rows])
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """float32 matrix products at full precision inside: TF32 (GPU) or bfloat16 (some CPUs), allowed by
+    torch.set_float32_matmul_precision("high"), would round distances far more than the plain loop does."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_STARTS,
                    top: int = TOP_CANDIDATES, stats: dict | None = None) -> torch.Tensor:
     """The points greedy_coreset_plain selects, in the same order, many times faster (same distances, same argmax).
@@ -259,7 +272,7 @@ def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_S
         return torch.arange(len(z), device=z.device)
     chosen = torch.empty(n_select, dtype=torch.long, device=z.device)
     done = 0
-    with tqdm(total=n_select, desc="coreset", disable=None, leave=False) as bar:
+    with full_float32(), tqdm(total=n_select, desc="coreset", disable=None, leave=False) as bar:
         while done < n_select:
             cand, theta = top_candidates(min_dist, top)  # (T,), ()
             first = torch.argmax(min_dist, 0, keepdim=True)  # (1,) the farthest point of all
