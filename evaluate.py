@@ -403,11 +403,11 @@ def fmt_diff(d: float) -> str:
     return f"{round(d, 3) + 0.0:+.3f}"
 
 
-def verdict(diff: tuple[float, float, float]) -> str:
-    """How the report reads a paired difference: real only when its interval excludes 0."""
+def verdict(diff: tuple[float, float, float], first: str = "first", second: str = "second") -> str:
+    """How the report reads a paired difference first - second: real only when its interval excludes 0."""
     if not metrics.excludes_zero(diff[1], diff[2]):
         return "not distinguishable"
-    return "first ahead" if diff[0] > 0 else "second ahead"
+    return f"{first if diff[0] > 0 else second} ahead"
 
 
 def markdown(header: list[str], body: list[list[str]]) -> str:
@@ -480,11 +480,14 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
     for tag in tags:
         for name in ("classifier - PatchCore", "fused - PatchCore", "fused - classifier"):
             d = paired(scored, categories, name, scenario="all-types", tag=tag)
-            body += [[name.replace("classifier", f"classifier {tag}").replace("fused", f"fused {tag}"),
-                      "all types seen", fmt_diff(d[0]), fmt_interval(d[1:]), verdict(d)]] if d else []
+            shown = name.replace("classifier", f"classifier {tag}").replace("fused", f"fused {tag}")
+            body += [[shown, "all types seen", fmt_diff(d[0]), fmt_interval(d[1:]),
+                      verdict(d, *shown.split(" - "))]] if d else []
     for name in ("classifier - PatchCore", "fused - PatchCore", "classifier unseen - seen"):
         d = paired(scored, categories, name, scenario="unseen-type")
-        body += [[name, "one type unseen (every type)", fmt_diff(d[0]), fmt_interval(d[1:]), verdict(d)]] if d else []
+        first, second = ("type unseen", "type seen") if name.endswith("seen") else name.split(" - ")
+        body += [[name, "one type unseen (every type)", fmt_diff(d[0]), fmt_interval(d[1:]),
+                  verdict(d, first, second)]] if d else []
     if body:
         out["Paired differences in image AUROC (same images, 95 % paired bootstrap interval)"] = markdown(
             ["first - second", "scenario", "difference", "95 % interval", "reading"], body)
@@ -512,8 +515,7 @@ def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> s
         d = paired(scored, categories, name, **where)
         if d is None:
             return ""
-        read = {"first ahead": f"{first} is ahead", "second ahead": f"{second} is ahead",
-                "not distinguishable": "not distinguishable"}[verdict(d)]
+        read = verdict(d, first, second).replace(" ahead", " is ahead")
         return f"{fmt_diff(d[0])}, 95 % interval {fmt_interval(d[1:])}: {read}"
 
     n_seeds = len({r["seed"] for r in rows})
@@ -535,12 +537,19 @@ def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> s
                        f"{compare('fused - PatchCore', 'the fused detector', 'PatchCore', scenario='all-types', tag=best)}; "
                        f"against the classifier "
                        f"{compare('fused - classifier', 'the fused detector', 'the classifier', scenario='all-types', tag=best)}.")
+    if pc and tags:
+        pixel = [fmt(per_seed(rows, categories, scenario="all-types", metric="pixel_auroc", **where))
+                 for where in ({"method": "patchcore"}, {"method": "classifier", "tag": tags[-1]})]
+        away = per_seed(rows, categories, scenario="all-types", method="classifier", tag=tags[-1], metric="pixel_auroc")
+        out.append(f"Where the defect is (pixel AUROC): PatchCore {pixel[0]}, the classifier's Grad-CAM ({tags[-1]}) "
+                   f"{pixel[1]}" + (", below chance: its maps point away from the defects." if away and
+                                    np.mean(away) < 0.5 else "."))
     seen, unseen = mean(scenario="seen-type", method="classifier"), mean(scenario="unseen-type", method="classifier")
     pc_unseen = mean(scenario="unseen-type", method="patchcore")
     if seen and unseen and pc_unseen:
         out.append(f"On a defect type it never saw, the classifier scores {say(unseen)}, against {say(seen)} on the "
                    f"same images when that type was in its training set "
-                   f"({compare('classifier unseen - seen', 'unseen', 'seen', scenario='unseen-type')}); "
+                   f"({compare('classifier unseen - seen', 'the classifier without it', 'the classifier with it', scenario='unseen-type')}); "
                    f"PatchCore scores {say(pc_unseen)} on those images (classifier - PatchCore "
                    f"{compare('classifier - PatchCore', 'the classifier', 'PatchCore', scenario='unseen-type')}).")
         fused_unseen = mean(scenario="unseen-type", method="fused")
@@ -557,8 +566,9 @@ def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> s
         for t in curve:
             d = paired(scored, categories, "classifier - PatchCore", scenario="all-types", tag=t)
             if d:
-                reads.setdefault({"first ahead": "above PatchCore", "second ahead": "below PatchCore",
-                                  "not distinguishable": "not distinguishable from PatchCore"}[verdict(d)], []).append(t)
+                read = verdict(d, "above", "below").replace(" ahead", " PatchCore")
+                reads.setdefault(read.replace("not distinguishable", "not distinguishable from PatchCore"),
+                                 []).append(t)
         out.append("On the few-shot curve the classifier is " + "; ".join(
             f"{read} at {', '.join(ts)}" for read, ts in reads.items()) + " (paired 95 % intervals).")
     return " ".join(out) or "Not enough finished runs for findings."
