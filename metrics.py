@@ -1,5 +1,6 @@
 """The metrics of the whole project, one implementation each: image AUROC, AP, F1-max, the deployable threshold,
-pixel AUROC, AUPRO. classify.py, patchcore.py and evaluate.py all import them from here.
+pixel AUROC, AUPRO, and bootstrap intervals (one AUROC, or the paired difference of two methods on the same images).
+classify.py, patchcore.py and evaluate.py all import them from here.
 
 Labels: 0 good, 1 defect. Scores and maps: higher = more anomalous; a sample is flagged at score >= t.
 
