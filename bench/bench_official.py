@@ -7,6 +7,8 @@ settings, and both are scored by metrics.py. The official code is not part of th
     git clone https://github.com/amazon-science/patchcore-inspection /tmp/official && pip install timm
     python bench/bench_official.py --official /tmp/official --data-root ../shared/data --category tire
     python bench/bench_official.py --official /tmp/official --data-root /tmp/s --category weave --image-size 128
+
+Seeds already in --out from a run with the same settings are read back, not run again.
 """
 from __future__ import annotations
 
@@ -117,6 +119,18 @@ def one_side(args) -> dict:
             "aupro": m["aupro"], "n_train": len(train), "n_test": len(test)}
 
 
+def saved_runs(args) -> dict[str, dict[int, dict]]:
+    """The rows per side and seed already in --out from a run with the same settings (the bench resumes)."""
+    saved = {"official": {}, "ours": {}}
+    if Path(args.out).is_file():
+        previous = json.loads(Path(args.out).read_text())
+        ignore = {"seeds", "out", "side", "seed"}
+        if all(previous["args"].get(k) == v for k, v in vars(args).items() if k not in ignore):
+            for side in saved:
+                saved[side] = {r["seed"]: r for r in previous["runs"][side]}
+    return saved
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("--official", required=True, help="a checkout of amazon-science/patchcore-inspection")
@@ -144,17 +158,23 @@ def main(argv=None) -> None:
     if not (Path(args.official) / "src" / "patchcore" / "patchcore.py").is_file():
         sys.exit(f"error: no official PatchCore code in {args.official} (expected src/patchcore/patchcore.py; "
                  "git clone https://github.com/amazon-science/patchcore-inspection)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    saved = saved_runs(args)
     runs = {"official": [], "ours": []}
     for seed in [int(x) for x in args.seeds.split(",")]:
         for side in runs:  # one process per side and seed: its peak RSS is its own
-            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--side", side,
-                   "--seed", str(seed)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"error: the {side} run failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-            runs[side].append({**json.loads(out.stdout.strip().splitlines()[-1]), "seed": seed})
+            if seed in saved[side]:
+                runs[side].append(saved[side][seed])
+            else:
+                cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--side", side,
+                       "--seed", str(seed)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"error: the {side} run failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                runs[side].append({**json.loads(out.stdout.strip().splitlines()[-1]), "seed": seed})
+                data.write_json(args.out, {"args": vars(args), "runs": runs})  # an interrupted bench resumes here
             r = runs[side][-1]
-            print(f"seed {seed} {side:<9} fit {r['fit_seconds']:6.1f} s  {r['ms_per_image']:6.1f} ms/image  "
+            print(f"seed {seed} {side + (' (saved)' if seed in saved[side] else ''):<17} fit {r['fit_seconds']:6.1f} s  {r['ms_per_image']:6.1f} ms/image  "
                   f"peak {r['peak_rss_mb']:6.0f} MB  image AUROC {r['image_auroc']:.4f}  pixel AUROC "
                   f"{r['pixel_auroc']:.4f}  AUPRO {r['aupro']:.4f}", flush=True)
     o, u = ({k: float(np.mean([r[k] for r in runs[side]])) for k in runs[side][0] if k != "side"} for side in runs)
@@ -173,7 +193,6 @@ def main(argv=None) -> None:
         print(f"{key:<14}{o[key]:>10.4f}{u[key]:>10.4f}{diff:>+15.4f}"
               f"{'' if key == 'aupro' else '>= -' + str(AUROC_SLACK):>10}   95 % interval [{low:+.4f}, {high:+.4f}]")
     print("all targets met" if ok else "some targets missed")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     data.write_json(args.out, {"args": vars(args), "runs": runs, "official": o, "ours": u, "targets_met": ok})
     print(f"wrote {args.out}")
 
