@@ -519,7 +519,8 @@ def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> s
         return f"{fmt_diff(d[0])}, 95 % interval {fmt_interval(d[1:])}: {read}"
 
     n_seeds = len({r["seed"] for r in rows})
-    scope = f"mean over {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} and {n_seeds} seed(s)"
+    scope = (f"mean over {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} and {n_seeds} "
+             f"seed{'' if n_seeds == 1 else 's'}")
     out = []
     pc = mean(scenario="all-types", method="patchcore")
     tags = classifier_ks(rows, "all-types", categories)
@@ -700,7 +701,7 @@ def report(study_dir: Path, device: str = "cpu") -> str:
     plots = plot_all(rows, categories, study_dir) + plot_rocs_and_heatmaps(study_dir, rows, scored, categories,
                                                                           study_dir, device)
     parts = ["# Classifier vs PatchCore: study report", "",
-             f"Study folder `{study_dir}`; {len(categories)} categories, seeds {sorted({s.seed for s in scored})}. "
+             f"Study folder `{study_dir}`; {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, seeds {sorted({s.seed for s in scored})}. "
              "Every number is mean ± std over seeds; intervals are 95 % stratified bootstrap intervals over the "
              f"evaluation images ({metrics.BOOTSTRAP_RESAMPLES} resamples, pooled over seeds and categories), "
              "paired when two methods are compared on the same images. The fused detector is the larger of the "
