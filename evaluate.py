@@ -5,7 +5,7 @@ of both scripts, then tabulates image AUROC, AP, F1-max, recall/FPR at a thresho
 pixel AUROC / AUPRO (all from metrics.py), writes results.csv, report.md and plots. It is the only file that
 imports the two methods.
 
-    python evaluate.py --demo                                      # synthetic data, reduced study, CPU, ~4 min
+    python evaluate.py --demo                                      # synthetic data, reduced study, CPU, ~3 min
     python evaluate.py --data-root ~/mvtec --categories bottle,screw --seeds 0,1,2 --out-dir runs/study   # GPU
     python evaluate.py --runs runs/study                           # rebuild tables and plots from saved runs
 """
