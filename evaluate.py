@@ -701,7 +701,8 @@ def report(study_dir: Path, device: str = "cpu") -> str:
     plots = plot_all(rows, categories, study_dir) + plot_rocs_and_heatmaps(study_dir, rows, scored, categories,
                                                                           study_dir, device)
     parts = ["# Classifier vs PatchCore: study report", "",
-             f"Study folder `{study_dir}`; {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, seeds {sorted({s.seed for s in scored})}. "
+             f"Study folder `{study_dir}`; {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
+             f"seeds {sorted({s.seed for s in scored})}. "
              "Every number is mean ± std over seeds; intervals are 95 % stratified bootstrap intervals over the "
              f"evaluation images ({metrics.BOOTSTRAP_RESAMPLES} resamples, pooled over seeds and categories), "
              "paired when two methods are compared on the same images. The fused detector is the larger of the "

@@ -8,7 +8,7 @@ settings, and both are scored by metrics.py. The official code is not part of th
     python bench/bench_official.py --official /tmp/official --data-root ../shared/data --category tire
     python bench/bench_official.py --official /tmp/official --data-root /tmp/s --category weave --image-size 128
 
-Seeds already in --out from a run with the same settings are read back, not run again.
+Seeds already in --out from a run with the same settings are read back, not run again, and kept.
 """
 from __future__ import annotations
 
@@ -131,6 +131,12 @@ def saved_runs(args) -> dict[str, dict[int, dict]]:
     return saved
 
 
+def kept(runs: dict[str, list[dict]], saved: dict[str, dict[int, dict]]) -> dict[str, list[dict]]:
+    """This run's rows plus the saved rows of seeds it did not ask for, by seed: a shorter rerun loses nothing."""
+    return {side: sorted(rows + [r for seed, r in saved[side].items() if seed not in {x["seed"] for x in rows}],
+                         key=lambda r: r["seed"]) for side, rows in runs.items()}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("--official", required=True, help="a checkout of amazon-science/patchcore-inspection")
@@ -172,9 +178,10 @@ def main(argv=None) -> None:
                 if out.returncode:
                     sys.exit(f"error: the {side} run failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
                 runs[side].append({**json.loads(out.stdout.strip().splitlines()[-1]), "seed": seed})
-                data.write_json(args.out, {"args": vars(args), "runs": runs})  # an interrupted bench resumes here
+                data.write_json(args.out, {"args": vars(args), "runs": kept(runs, saved)})  # a rerun resumes here
             r = runs[side][-1]
-            print(f"seed {seed} {side + (' (saved)' if seed in saved[side] else ''):<17} fit {r['fit_seconds']:6.1f} s  {r['ms_per_image']:6.1f} ms/image  "
+            name = side + (" (saved)" if seed in saved[side] else "")
+            print(f"seed {seed} {name:<17} fit {r['fit_seconds']:6.1f} s  {r['ms_per_image']:6.1f} ms/image  "
                   f"peak {r['peak_rss_mb']:6.0f} MB  image AUROC {r['image_auroc']:.4f}  pixel AUROC "
                   f"{r['pixel_auroc']:.4f}  AUPRO {r['aupro']:.4f}", flush=True)
     o, u = ({k: float(np.mean([r[k] for r in runs[side]])) for k in runs[side][0] if k != "side"} for side in runs)
@@ -193,7 +200,8 @@ def main(argv=None) -> None:
         print(f"{key:<14}{o[key]:>10.4f}{u[key]:>10.4f}{diff:>+15.4f}"
               f"{'' if key == 'aupro' else '>= -' + str(AUROC_SLACK):>10}   95 % interval [{low:+.4f}, {high:+.4f}]")
     print("all targets met" if ok else "some targets missed")
-    data.write_json(args.out, {"args": vars(args), "runs": runs, "official": o, "ours": u, "targets_met": ok})
+    data.write_json(args.out, {"args": vars(args), "runs": kept(runs, saved), "official": o, "ours": u,
+                               "targets_met": ok})
     print(f"wrote {args.out}")
 
 
