@@ -410,6 +410,11 @@ def verdict(diff: tuple[float, float, float], first: str = "first", second: str 
     return f"{first if diff[0] > 0 else second} ahead"
 
 
+def count(n: int, one: str, many: str) -> str:
+    """'1 category', '3 categories'."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def markdown(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in body])
@@ -519,8 +524,7 @@ def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> s
         return f"{fmt_diff(d[0])}, 95 % interval {fmt_interval(d[1:])}: {read}"
 
     n_seeds = len({r["seed"] for r in rows})
-    scope = (f"mean over {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} and {n_seeds} "
-             f"seed{'' if n_seeds == 1 else 's'}")
+    scope = f"mean over {count(len(categories), 'category', 'categories')} and {count(n_seeds, 'seed', 'seeds')}"
     out = []
     pc = mean(scenario="all-types", method="patchcore")
     tags = classifier_ks(rows, "all-types", categories)
@@ -539,12 +543,11 @@ def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> s
                        f"against the classifier "
                        f"{compare('fused - classifier', 'the fused detector', 'the classifier', scenario='all-types', tag=best)}.")
     if pc and tags:
-        pixel = [fmt(per_seed(rows, categories, scenario="all-types", metric="pixel_auroc", **where))
-                 for where in ({"method": "patchcore"}, {"method": "classifier", "tag": tags[-1]})]
-        away = per_seed(rows, categories, scenario="all-types", method="classifier", tag=tags[-1], metric="pixel_auroc")
-        out.append(f"Where the defect is (pixel AUROC): PatchCore {pixel[0]}, the classifier's Grad-CAM ({tags[-1]}) "
-                   f"{pixel[1]}" + (", below chance: its maps point away from the defects." if away and
-                                    np.mean(away) < 0.5 else "."))
+        pc_pixel, cl_pixel = (per_seed(rows, categories, scenario="all-types", metric="pixel_auroc", **where)
+                              for where in ({"method": "patchcore"}, {"method": "classifier", "tag": tags[-1]}))
+        out.append(f"Where the defect is (pixel AUROC): PatchCore {fmt(pc_pixel)}, the classifier's Grad-CAM "
+                   f"({tags[-1]}) {fmt(cl_pixel)}" + (", below chance: its maps point away from the defects."
+                                                      if cl_pixel and np.mean(cl_pixel) < 0.5 else "."))
     seen, unseen = mean(scenario="seen-type", method="classifier"), mean(scenario="unseen-type", method="classifier")
     pc_unseen = mean(scenario="unseen-type", method="patchcore")
     if seen and unseen and pc_unseen:
@@ -701,7 +704,7 @@ def report(study_dir: Path, device: str = "cpu") -> str:
     plots = plot_all(rows, categories, study_dir) + plot_rocs_and_heatmaps(study_dir, rows, scored, categories,
                                                                           study_dir, device)
     parts = ["# Classifier vs PatchCore: study report", "",
-             f"Study folder `{study_dir}`; {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
+             f"Study folder `{study_dir}`; {count(len(categories), 'category', 'categories')}, "
              f"seeds {sorted({s.seed for s in scored})}. "
              "Every number is mean ± std over seeds; intervals are 95 % stratified bootstrap intervals over the "
              f"evaluation images ({metrics.BOOTSTRAP_RESAMPLES} resamples, pooled over seeds and categories), "
