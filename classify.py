@@ -342,7 +342,8 @@ def run(args: argparse.Namespace) -> dict:
     device = backbones.pick_device(args.device)
     train_good, test = data.load_category(args.data_root, args.category)
     split = load_split(args, test)
-    train_defects, heldout_good, eval_samples = data.apply_split(test, split)
+    train_defects, heldout_good, eval_samples = data.apply_split(test, split, train_good)
+    train_good = data.without_heldout(train_good, heldout_good)  # open-set protocol: its normals held out of train/good
     if not train_defects:
         raise data.DataError(f"the split gives the classifier no defect image of {args.category} to train on; a "
                              f"supervised classifier cannot learn the defect class without examples (use k >= 1)")

@@ -30,7 +30,11 @@ from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SCENARIOS = ("all-types", "unseen-type", "few-shot")
+OPEN_SET_SCENARIOS = ("general", "hard")  # DRA's open-set protocol (Ding et al., CVPR 2022), see open_set_split
 POOL_FRACTION = 0.5  # at most half of each test folder may be given to the classifier; the rest is evaluated
+# Open-set protocol: every test image not labelled is evaluated, so the normal images that set thresholds and
+# calibrate the fused detector come from train/good instead: a seeded 10 % of it, held out from both methods' training.
+HELDOUT_TRAIN_FRACTION = 0.1
 SYNTH_DEFECTS = ("scratch", "hole", "stain", "missing")
 # Decoded images kept in memory by resized_image (classify.py reads every image once per epoch): at 512 px an RGB
 # image is 0.79 MB, so 400 images take 315 MB and the cache at most 400 MB.
@@ -297,14 +301,95 @@ def make_split(test: Sequence[Sample], category: str, seed: int, scenario: str, 
     }
 
 
-def apply_split(test: Sequence[Sample], split: dict) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """(train defects, held-out good, evaluation samples) of a split, checking every listed path exists."""
-    by_rel = {s.rel: s for s in test}
+def apply_split(test: Sequence[Sample], split: dict,
+                train: Sequence[Sample] = ()) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(train defects, held-out good, evaluation samples) of a split, checking every listed path exists. Held-out
+    good images are test/good images (pool protocol) or train/good images (open-set protocol): pass `train`."""
+    by_rel = {s.rel: s for s in (*test, *train)}
     missing = [r for key in ("train_defects", "heldout_good", "eval") for r in split[key] if r not in by_rel]
     if missing:
-        raise DataError(f"split file lists {len(missing)} images that are not in the test set "
+        raise DataError(f"split file lists {len(missing)} images that are not in the category "
                         f"(first: {missing[0]}); was it made for another category or data root?")
     return tuple([by_rel[r] for r in split[key]] for key in ("train_defects", "heldout_good", "eval"))
+
+
+def without_heldout(train: Sequence[Sample], heldout_good: Sequence[Sample]) -> list[Sample]:
+    """train/good minus the split's held-out normals (open-set protocol: neither method trains on them)."""
+    held = {s.rel for s in heldout_good}
+    return [s for s in train if s.rel not in held]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DRA's open-set protocol (Ding et al., "Catching Both Gray and Black Swans", CVPR 2022, Sec. 4.1), the protocol of
+# the published open-set tables. No pool: M labelled anomalies are drawn from the test set and removed from it, and
+# every other test image is evaluated.
+#   general: M anomalies drawn from all defect images of the category (not per type); evaluated on the rest.
+#   hard:    M anomalies of one known type; evaluated on test/good + every image of the other types (all unseen; the
+#            known type's other images are left out).
+# Normal images for thresholds and calibration: a seeded 10 % of train/good, the same for every run of a seed.
+# ----------------------------------------------------------------------------------------------------------------
+def heldout_train_good(train: Sequence[Sample], seed: int) -> list[Sample]:
+    """A seeded HELDOUT_TRAIN_FRACTION of train/good (at least 2 images), held out from both methods' training."""
+    group = sorted(train, key=lambda s: s.rel)
+    n = max(2, round(len(group) * HELDOUT_TRAIN_FRACTION))
+    if len(group) < n + 1:
+        raise DataError(f"train/good has {len(group)} images; the open-set protocol holds {n} out for thresholds "
+                        f"and needs at least one more to train on")
+    rng = np.random.default_rng([seed, *b"heldout/train"])
+    return [group[i] for i in sorted(rng.permutation(len(group))[:n])]
+
+
+def check_m(m, what: str) -> int:
+    """M of the open-set protocol: a positive whole number, or one sentence."""
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise DataError(f"{what} must be a positive whole number of labelled anomalies, got {m!r} (e.g. 1 or 10)")
+    return int(m)
+
+
+def open_set_split(train: Sequence[Sample], test: Sequence[Sample], category: str, seed: int, scenario: str,
+                   m: int, known: str | None = None) -> dict:
+    """The classifier's M labelled anomalies and the evaluation set of DRA's general or hard scenario (relative
+    paths). Draws are seeded by (seed, scenario[, known type]); a smaller M takes the first images of a larger M's
+    draw. PatchCore trains on no test image, so one PatchCore run per seed scores every evaluation set."""
+    if scenario not in OPEN_SET_SCENARIOS:
+        raise DataError(f"unknown open-set scenario '{scenario}' (expected one of {', '.join(OPEN_SET_SCENARIOS)})")
+    m = check_m(m, "--general-m" if scenario == "general" else "--hard-m")
+    defects = sorted((s for s in test if s.label == 1), key=lambda s: s.rel)  # independent of input order
+    types = sorted({s.defect_type for s in defects})
+    if scenario == "general":
+        if known is not None:
+            raise DataError("a known defect type is only used by the hard scenario, not general")
+        if m > len(defects):
+            raise DataError(f"--general-m {m} is larger than the {len(defects)} defect images of {category}; "
+                            f"choose M <= {len(defects)}")
+        rng = np.random.default_rng([seed, *b"general"])
+        labelled = [defects[i] for i in rng.permutation(len(defects))[:m]]
+        eval_types = None
+    else:
+        if len(types) < 2:
+            raise DataError(f"category {category} has {len(types)} defect type; the hard scenario evaluates on the "
+                            f"other types and needs at least 2 (use general)")
+        if known not in types:
+            raise DataError(f"known type '{known}' is not a defect type of {category} ({', '.join(types)})")
+        group = [s for s in defects if s.defect_type == known]
+        rng = np.random.default_rng([seed, *f"hard/{known}".encode()])
+        labelled = [group[i] for i in rng.permutation(len(group))[:m]]  # fewer if the type has fewer
+        eval_types = {"good", *types} - {known}
+    taken = {s.rel for s in labelled}
+    evaluated = [s.rel for s in sorted(test, key=lambda s: (s.defect_type, s.rel))
+                 if s.rel not in taken and (eval_types is None or s.defect_type in eval_types)]
+    return {"category": category, "seed": seed, "scenario": scenario, "k": m, "known": known, "held_out": None,
+            "train_defects": [s.rel for s in labelled],
+            "heldout_good": [s.rel for s in heldout_train_good(train, seed)],
+            "eval": evaluated}
+
+
+def open_set_patchcore_split(train: Sequence[Sample], test: Sequence[Sample], category: str, seed: int) -> dict:
+    """PatchCore's split of the open-set protocol: every test image scored (each general/hard evaluation set is a
+    subset of it), the seed's held-out train/good images left out of the memory bank for its threshold."""
+    return {"category": category, "seed": seed, "scenario": "open-set", "k": 0, "known": None, "held_out": None,
+            "train_defects": [], "heldout_good": [s.rel for s in heldout_train_good(train, seed)],
+            "eval": [s.rel for s in sorted(test, key=lambda s: (s.defect_type, s.rel))]}
 
 
 def write_split(split: dict, path: str | Path) -> None:

@@ -35,7 +35,7 @@ import patchcore
 # its defects) and an evaluation part. Every classifier run and every PatchCore run of that (category, seed) is
 # scored on evaluation parts only, so both methods are always compared on identical images.
 # ----------------------------------------------------------------------------------------------------------------
-STUDY_SCENARIOS = ("all-types", "unseen-type", "few-shot")
+STUDY_SCENARIOS = ("all-types", "unseen-type", "few-shot", *data.OPEN_SET_SCENARIOS)
 TABLE_METRICS = ("image_auroc", "average_precision", "f1_max", "recall_at_threshold", "fpr_at_threshold",
                  "pixel_auroc", "aupro")
 COST_METRICS = ("n_labelled", "train_seconds", "ms_per_image", "params_millions", "peak_rss_mb")
@@ -89,9 +89,39 @@ def plan_splits(test, category: str, seed: int, args) -> list[dict]:
     return splits
 
 
+def parse_m(text: str, flag: str) -> list[int]:
+    """'1,10' -> [1, 10] for --general-m / --hard-m: positive whole numbers, or one sentence."""
+    try:
+        values = [int(m) for m in str(text).split(",") if m.strip()]
+    except ValueError:
+        values = []
+    if not values or any(m < 1 for m in values):
+        raise data.DataError(f"{flag} takes positive whole numbers of labelled anomalies (e.g. 1,10), got '{text}'")
+    return values
+
+
+def plan_open_set(train, test, category: str, seed: int, args) -> list[dict]:
+    """The classifier's splits of DRA's open-set protocol for one (category, seed): general-<M> for every M of
+    --general-m, hard-<type> for every defect type (M = --hard-m, fewer if the type has fewer)."""
+    splits = []
+    if "general" in args.scenarios:
+        for m in parse_m(args.general_m, "--general-m"):
+            split = data.open_set_split(train, test, category, seed, "general", m)
+            splits.append({**split, "tag": f"general-{m}", "role": "general"})
+    if "hard" in args.scenarios:
+        m = parse_m(args.hard_m, "--hard-m")
+        if len(m) != 1:
+            raise data.DataError(f"--hard-m takes one number (labelled anomalies of the known type), got '{args.hard_m}'")
+        for t in sorted({s.defect_type for s in test} - {"good"}):
+            split = data.open_set_split(train, test, category, seed, "hard", m[0], known=t)
+            splits.append({**split, "tag": f"hard-{t}", "role": "hard", "held_out": t})
+    return splits
+
+
 def run_study(args) -> None:
-    """Every run of the study: PatchCore once per (category, seed), the classifier once per split. PatchCore's
-    unseen-type results are its all-types scores restricted to the same images (collect), not another pass."""
+    """Every run of the study: PatchCore once per (category, seed) and protocol, the classifier once per split.
+    PatchCore's unseen-type, general and hard results are its scores of the same images in its one run of that
+    protocol (collect), not another pass."""
     common = ["--data-root", str(args.data_root), "--image-size", str(args.image_size), "--device", args.device,
               "--weights", args.weights]
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
@@ -99,25 +129,34 @@ def run_study(args) -> None:
     seeds = parse_k(args.seeds)
     if None in seeds:
         raise data.DataError(f"--seeds takes whole numbers, got '{args.seeds}'")
+    pool = [s for s in args.scenarios if s not in data.OPEN_SET_SCENARIOS]
+    open_set = [s for s in args.scenarios if s in data.OPEN_SET_SCENARIOS]
+    # Plan every split first: bad --general-m / --hard-m values end in one sentence before any folder is written
+    planned = {(c, seed): (plan_splits(loaded[c][1], c, seed, args) if pool else []) +
+                          plan_open_set(*loaded[c], c, seed, args) for c in categories for seed in seeds}
     jobs = []  # (run folder, study.json info, the call), planned first so that progress can be estimated
     for category in categories:
-        _, test = loaded[category]
+        train, test = loaded[category]
         for seed in seeds:
             base = Path(args.out_dir) / category / f"seed{seed}"
             (base / "splits").mkdir(parents=True, exist_ok=True)
-            splits = plan_splits(test, category, seed, args)
+            splits = planned[(category, seed)]
             for split in splits:
                 data.write_split({k: v for k, v in split.items() if k not in ("tag", "role", "reference")},
                                  base / "splits" / f"{split['tag']}.json")
             info = dict(category=category, seed=seed, data_root=str(args.data_root))
-            # PatchCore never sees a defect: fit once on train/good, score the all-types evaluation set
-            data.write_split(data.make_split(test, category, seed, "all-types", None), base / "splits" / "all.json")
-            pc_args = common + ["--category", category, "--backbone", args.patchcore_backbone, "--seed", str(seed),
-                                "--coreset-ratio", str(args.coreset_ratio), "--batch-size", str(args.batch_size),
-                                "--split", str(base / "splits" / "all.json"), "--out-dir", str(base / "patchcore" / "all")]
-            jobs.append((base / "patchcore" / "all",
-                         {**info, "method": "patchcore", "tag": "all", "role": "all-types", "n_labelled": 0},
-                         lambda a=pc_args: patchcore.run(patchcore.parse_args(a))))
+            # PatchCore never sees a defect: fit once on train/good, score every evaluation image of the protocol
+            # (pool: the all-types evaluation set; open-set: every test image, its held-out normals from train/good)
+            pc_splits = ([("all", "all-types", data.make_split(test, category, seed, "all-types", None))] if pool else []) + \
+                ([("open-set", "open-set", data.open_set_patchcore_split(train, test, category, seed))] if open_set else [])
+            for tag, role, split in pc_splits:
+                data.write_split(split, base / "splits" / f"{tag}.json")
+                pc_args = common + ["--category", category, "--backbone", args.patchcore_backbone, "--seed", str(seed),
+                                    "--coreset-ratio", str(args.coreset_ratio), "--batch-size", str(args.batch_size),
+                                    "--split", str(base / "splits" / f"{tag}.json"), "--out-dir", str(base / "patchcore" / tag)]
+                jobs.append((base / "patchcore" / tag,
+                             {**info, "method": "patchcore", "tag": tag, "role": role, "n_labelled": 0},
+                             lambda a=pc_args: patchcore.run(patchcore.parse_args(a))))
             # The classifier: one training run per split
             for split in splits:
                 run_dir = base / "classify" / split["tag"]
@@ -244,7 +283,8 @@ def collect(study_dir: Path) -> list[Scored]:
     runs = [load_run(p.parent) for p in sorted(study_dir.rglob("study.json"))]
     if not runs:
         raise data.DataError(f"no finished runs under {study_dir} (expected <category>/seed<N>/<method>/<tag>/)")
-    pcs = {(r.category, r.seed): (r, h) for _, r, h in runs if r.method == "patchcore"}
+    # PatchCore's run of each protocol: "all-types" (pool) or "open-set" (DRA)
+    pcs = {(r.category, r.seed, info["role"]): (r, h) for info, r, h in runs if r.method == "patchcore"}
     references = {}  # (category, seed, tag) of an all-types run -> the types held out from its unseen twins
     for info, r, _ in runs:
         if info.get("reference"):
@@ -252,20 +292,25 @@ def collect(study_dir: Path) -> list[Scored]:
     out = []
     for info, run, heldout in runs:
         if run.method == "patchcore":
-            out += [replace(run, scenario=s) for s in ("all-types", "few-shot")]
+            # open-set: every test image, the set PatchCore's published numbers are measured on
+            out += [replace(run, scenario=s) for s in (("open-set",) if info["role"] == "open-set" else
+                                                       ("all-types", "few-shot"))]
             continue
-        if info["role"] == "unseen-type":
-            sets = [replace(run, scenario="unseen-type")]
+        if info["role"] in ("unseen-type", *data.OPEN_SET_SCENARIOS):
+            sets = [replace(run, scenario=info["role"])]
         else:
             sets = [replace(run, scenario=s) for s in ("all-types", "few-shot")]
             for t in sorted(references.get((run.category, run.seed, run.tag), [])):
                 keep = run.paths[(run.types == "good") | (run.types == t)]
                 sets.append(run.on(keep, scenario="seen-type", held_out=t))
         out += sets
-        pc, pc_normals = pcs.get((run.category, run.seed), (None, {}))
+        protocol = "open-set" if info["role"] in data.OPEN_SET_SCENARIOS else "all-types"
+        pc, pc_normals = pcs.get((run.category, run.seed, protocol), (None, {}))
         for cl in sets if pc is not None else []:
             if cl.scenario in ("unseen-type", "seen-type"):
                 out.append(pc.on(cl.paths, scenario=cl.scenario, held_out=cl.held_out))
+            elif cl.scenario in data.OPEN_SET_SCENARIOS:  # tagged as the classifier run whose images these are
+                out.append(pc.on(cl.paths, scenario=cl.scenario, held_out=cl.held_out, tag=cl.tag))
             fused = fuse(pc, pc_normals, cl, heldout)
             if fused is not None:
                 out.append(fused)
@@ -737,6 +782,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k-values", default="1,5,10", help="all-types: labelled defects per type ('all' = whole pool)")
     p.add_argument("--few-shot-k", default="1,2,5,10,all", help="few-shot curve: labelled defects per type")
     p.add_argument("--unseen-k", type=int, default=10, help="unseen-type: labelled defects per other type")
+    p.add_argument("--general-m", default="1,10", help="general (DRA): labelled anomalies drawn from all defect images")
+    p.add_argument("--hard-m", default="10", help="hard (DRA): labelled anomalies of the one known defect type")
     p.add_argument("--classifier-backbone", choices=backbones.BACKBONES, default="efficientnet_b1")
     p.add_argument("--patchcore-backbone", choices=backbones.BACKBONES, default="wide_resnet50_2")
     p.add_argument("--weights", default="imagenet", help="imagenet or none (random init, for tests)")

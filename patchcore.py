@@ -442,7 +442,8 @@ def run(args: argparse.Namespace) -> dict:
         split = data.read_split(args.split)
         if split["category"] != args.category:
             raise data.DataError(f"split file {args.split} is for category '{split['category']}', not '{args.category}'")
-        _, heldout_good, test = data.apply_split(test, split)
+        _, heldout_good, test = data.apply_split(test, split, train)
+        train = data.without_heldout(train, heldout_good)  # open-set protocol: its normals held out of train/good
     out_dir = Path(args.out_dir or f"runs/patchcore/{args.category}")
 
     with data.atomic_dir(out_dir) as tmp:

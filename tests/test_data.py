@@ -579,7 +579,7 @@ def test_apply_split_rejects_foreign_paths(loaded):
     _, test = loaded["weave"]
     split = data.make_split(test, "weave", 0, "all-types", 1)
     split["eval"] = split["eval"] + ["test/crack/999.png"]
-    with pytest.raises(data.DataError, match=r"lists 1 images that are not in the test set \(first: test/crack/999\.png\)"):
+    with pytest.raises(data.DataError, match=r"lists 1 images that are not in the category \(first: test/crack/999\.png\)"):
         data.apply_split(test, split)
 
 

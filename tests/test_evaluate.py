@@ -152,6 +152,7 @@ def test_tiny_study_end_to_end(synth_root, tmp_path):
         shutil.rmtree(root / "weave" / "test" / t), shutil.rmtree(root / "weave" / "ground_truth" / t)
     out = tmp_path / "study"
     argv = ["--data-root", str(root), "--categories", "weave", "--seeds", "0", "--k-values", "1",
+            "--scenarios", "all-types,unseen-type,few-shot",
             "--few-shot-k", "1,2", "--unseen-k", "1", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
             "--classifier-backbone", "efficientnet_lite0", "--patchcore-backbone", "efficientnet_lite0",
             "--device", "cpu", "--out-dir", str(out)]
