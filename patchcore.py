@@ -13,11 +13,13 @@ import argparse
 import contextlib
 import functools
 import json
+import queue
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import faiss
 import numpy as np
@@ -35,15 +37,19 @@ PROJECTION_DIM = 128  # coreset distances are computed on a random projection to
 N_STARTS = 10  # the approximate greedy coreset starts from the mean distance to this many random points
 TOP_CANDIDATES = 4096  # fast coreset: points whose distances are kept exact inside a block (greedy_within)
 CHECK_EVERY = 64  # fast coreset: steps between two host reads of the block's stop condition
-PAIR_CHUNK = 1 << 21  # fast coreset: (point, chosen point) distances per matrix product in apply_chosen
-GPU_MAX_K = 2048  # FAISS's largest k on a GPU
+PAIR_CHUNK = 1 << 21  # fast coreset: (point, chosen point) distances per matrix product in apply_chosen (CPU)
+PAIR_CHUNK_CUDA = 1 << 26  # the same on a GPU: a 256 MB (r, B) block, ~100 products per update instead of ~3,000
+GPU_MAX_K = 2048  # FAISS's largest k on a GPU (and largest nprobe of a GPU IVF index)
+SEARCHES = ("exact", "ivf")  # FAISS IndexFlatL2, or IndexIVFFlat: k-means lists, only the nprobe nearest searched
+NPROBE = 8  # issue 16, real features: 586 lists, nprobe 8 found 100.0 % of the exact neighbours at 0.22x the time
+POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroid (min_points_per_centroid)
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
               "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size")  # final table
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything needed to rebuild the feature pipeline of a fitted memory bank."""
+    """Everything needed to rebuild the feature pipeline of a fitted memory bank, and how the bank is searched."""
     backbone: str
     weights: str
     layers: tuple[str, ...]
@@ -56,6 +62,8 @@ class Settings:
     reweight: bool
     reweight_k: int
     seed: int
+    search: str = "exact"  # banks saved before issue 16 have neither field: they were searched exactly
+    nprobe: int = NPROBE  # IVF lists searched per query (ivf only)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,11 +240,18 @@ def greedy_within(z: torch.Tensor, sq_norms: torch.Tensor, min_dist: torch.Tenso
     return torch.cat(chosen[:n_valid])
 
 
+def pair_chunk(device: torch.device) -> int:
+    """(point, chosen point) distances per matrix product in apply_chosen. On a CPU a block that stays in cache;
+    on a GPU PAIR_CHUNK would split each update of 1.6M points x 4096 chosen into ~3,000 products too small to fill
+    it (each also launches 5 more kernels), so the block is 32x larger there."""
+    return PAIR_CHUNK_CUDA if device.type == "cuda" else PAIR_CHUNK
+
+
 def apply_chosen(z: torch.Tensor, sq_norms: torch.Tensor, min_dist: torch.Tensor, chosen: torch.Tensor) -> None:
     """min_dist <- min(min_dist, distance to each chosen point), for all N points at once, as matrix products:
     (N, d) x (d, B) in chunks, the same expanded distance as distances_to."""
     centres, sq_c = z[chosen].T.contiguous(), sq_norms[chosen]  # (d, B), (B,)
-    rows = max(1, PAIR_CHUNK // len(chosen))
+    rows = max(1, pair_chunk(z.device) // len(chosen))
     for s in range(0, len(z), rows):
         d2 = torch.addmm(sq_norms[s:s + rows, None], z[s:s + rows], centres, alpha=-2).add_(sq_c)  # (r, B)
         nearest = d2.amin(1).clamp_min_(0).sqrt_()  # min of sqrt = sqrt of min: clamp and sqrt are monotone
@@ -287,19 +302,55 @@ def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_S
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Nearest-neighbour search: a tiny wrapper around a FAISS exact L2 index
+# 3. Nearest-neighbour search: a tiny wrapper around a FAISS L2 index, exact or inverted-file (issue 16)
 # ----------------------------------------------------------------------------------------------------------------
+def ivf_lists(n: int) -> int:
+    """Number of IVF lists (k-means centroids) for a bank of n patches: about 4 sqrt(n), FAISS's rule of thumb (a
+    query then compares itself with 4 sqrt(n) centroids plus nprobe lists of ~sqrt(n)/4 rows each), but at most
+    n / 39 so that k-means trains every centroid on the 39 points FAISS asks for."""
+    return min(round(4 * n ** 0.5), n // POINTS_PER_LIST)
+
+
+def ivf_index(bank: np.ndarray, seed: int) -> faiss.IndexIVFFlat:
+    """An IndexIVFFlat holding bank (M, D): seeded k-means splits it into ivf_lists(M) lists of full vectors.
+
+    A bank too small for two lists ends the run with one sentence rather than falling back to exact search: the
+    user asked for ivf, metrics.json must record the index that ran, and a bank that small is searched exactly in
+    no time anyway (--search exact).
+    """
+    n_lists = ivf_lists(len(bank))
+    if n_lists < 2:
+        raise data.DataError(f"--search ivf needs a memory bank of at least {2 * POINTS_PER_LIST} patches to train "
+                             f"its lists, this one has {len(bank)}; use --search exact")
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(bank.shape[1]), bank.shape[1], n_lists, faiss.METRIC_L2)
+    index.cp.seed = seed  # FAISS k-means draws its starting centroids (and any training subsample) with this seed
+    index.train(bank)
+    index.add(bank)
+    return index
+
+
 class NearestNeighbours:
-    """Exact L2 search over a memory bank (M, D); on the GPU when FAISS sees one and the device is CUDA."""
+    """L2 search over a memory bank (M, D), exact (IndexFlatL2) or approximate (IndexIVFFlat: only the nprobe lists
+    whose centroids are nearest to a query are searched); on the GPU when FAISS sees one and the device is CUDA."""
 
-    def __init__(self, bank: np.ndarray, device: torch.device):
-        index = faiss.IndexFlatL2(bank.shape[1])
-        index.add(np.ascontiguousarray(bank, dtype=np.float32))
-        self._place(index, device)
+    def __init__(self, bank: np.ndarray, device: torch.device, search: str = "exact", nprobe: int = NPROBE,
+                 seed: int = 0):
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got '{search}'")
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        if search == "ivf":
+            index = ivf_index(bank, seed)
+        else:
+            index = faiss.IndexFlatL2(bank.shape[1])
+            index.add(bank)
+        self._place(index, device, nprobe)
 
-    def _place(self, index: faiss.Index, device: torch.device) -> None:
+    def _place(self, index: faiss.Index, device: torch.device, nprobe: int) -> None:
         """Keep the CPU index (save, reconstructing rows) and search on a GPU copy if asked and possible."""
         self.cpu, self.index = index, index
+        if self.kind == "ivf":
+            index.make_direct_map()  # id -> (list, offset), for reconstruct_batch in vectors(): IVF stores rows by list
+            self.set_nprobe(nprobe)  # before the copy: index_cpu_to_gpu takes nprobe along
         if device.type == "cuda":
             if faiss.get_num_gpus() == 0:
                 print("note: FAISS sees no GPU (a CPU-only faiss build?); the nearest-neighbour search runs on the CPU",
@@ -307,6 +358,29 @@ class NearestNeighbours:
                 return
             self.resources = faiss.StandardGpuResources()  # must live as long as the GPU index
             self.index = faiss.index_cpu_to_gpu(self.resources, device.index or 0, index)
+            if self.kind == "ivf":
+                self.set_nprobe(nprobe)
+
+    @property
+    def kind(self) -> str:
+        """'exact' or 'ivf', from the index itself."""
+        return "ivf" if isinstance(self.cpu, faiss.IndexIVF) else "exact"
+
+    @property
+    def n_lists(self) -> int | None:
+        """Number of IVF lists, None for exact search."""
+        return self.cpu.nlist if self.kind == "ivf" else None
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Search the nprobe lists nearest to each query (ivf only): more is slower and nearer to exact."""
+        if self.kind != "ivf":
+            raise ValueError("nprobe applies to an ivf index only, this one searches exactly")
+        if not 1 <= nprobe <= self.n_lists:
+            raise data.DataError(f"--nprobe must be between 1 and the {self.n_lists} IVF lists of this "
+                                 f"{len(self)}-patch memory bank, got {nprobe}")
+        if nprobe > GPU_MAX_K and self.index is not self.cpu:
+            raise ValueError(f"nprobe={nprobe} is more than FAISS searches on a GPU ({GPU_MAX_K}); use --device cpu")
+        self.cpu.nprobe = self.index.nprobe = nprobe  # GpuIndexIVF has nprobe too (faiss.IndexIVFInterface)
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -318,6 +392,9 @@ class NearestNeighbours:
         if k > GPU_MAX_K and self.index is not self.cpu:
             raise ValueError(f"k={k} is more than FAISS searches on a GPU ({GPU_MAX_K}); use --device cpu")
         sq, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        if (idx[:, -1] < 0).any():  # FAISS pads with -1 (and a huge distance) when the probed lists hold < k rows
+            raise data.DataError(f"with nprobe={self.cpu.nprobe} the IVF lists searched hold fewer than k={k} patches "
+                                 f"for some queries; use a larger --nprobe")
         return np.sqrt(np.maximum(sq, 0)), idx
 
     def vectors(self, idx: np.ndarray) -> np.ndarray:
@@ -329,9 +406,11 @@ class NearestNeighbours:
         faiss.write_index(self.cpu, str(path))
 
     @classmethod
-    def load(cls, path: Path, device: torch.device) -> "NearestNeighbours":
+    def load(cls, path: Path, device: torch.device, nprobe: int | None = None) -> "NearestNeighbours":
+        """A saved index; an IVF one searches nprobe lists, by default as many as when it was saved."""
+        index = faiss.read_index(str(path))
         nn = cls.__new__(cls)
-        nn._place(faiss.read_index(str(path)), device)
+        nn._place(index, device, getattr(index, "nprobe", NPROBE) if nprobe is None else nprobe)
         return nn
 
 
@@ -350,22 +429,76 @@ class MemoryBank:
         data.write_json(folder / "settings.json", asdict(self.settings))
 
     @classmethod
-    def load(cls, folder: str | Path, device: torch.device) -> "MemoryBank":
+    def load(cls, folder: str | Path, device: torch.device, nprobe: int | None = None) -> "MemoryBank":
+        """A saved bank with its saved settings; nprobe, if given, replaces the saved one of an IVF bank."""
         folder = Path(folder)
         if (folder / "memory_bank").is_dir():  # a run's out dir was given
             folder = folder / "memory_bank"
         if not (folder / "index.faiss").is_file() or not (folder / "settings.json").is_file():
             raise data.DataError(f"no memory bank in {folder} (expected index.faiss and settings.json)")
         raw = json.loads((folder / "settings.json").read_text())
-        return cls(Settings(**{**raw, "layers": tuple(raw["layers"])}), NearestNeighbours.load(folder / "index.faiss", device))
+        s = Settings(**{**raw, "layers": tuple(raw["layers"])})  # no search, nprobe (before issue 16): exact
+        if nprobe is not None and s.search == "ivf":
+            s = replace(s, nprobe=nprobe)
+        nn = NearestNeighbours.load(folder / "index.faiss", device, s.nprobe)
+        if nn.kind != s.search:
+            raise data.DataError(f"{folder}: settings.json says search '{s.search}' but index.faiss is {nn.kind}")
+        return cls(s, nn)
+
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterable[T]) -> Iterator[T]:
+    """The items in order, the next one read by a background thread while the caller works on this one (issue 16).
+
+    For a loader: decoding and resizing the next images (PIL and torch release the GIL) overlap with the network
+    and the search, with or without worker processes. An error in the thread is raised here, at its position; when
+    the caller stops early the thread stops after the item it is reading.
+    """
+    ahead: queue.Queue = queue.Queue(maxsize=1)  # one item ahead: ("item", x), ("error", e) or ("end", None)
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():  # a timeout, not a blocking put: the caller may have gone
+            try:
+                ahead.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+        except BaseException as e:  # handed to the caller, who raises it
+            put(("error", e))
+            return
+        put(("end", None))
+
+    thread = threading.Thread(target=read, daemon=True, name="prefetch")
+    thread.start()
+    try:
+        while True:
+            what, item = ahead.get()
+            if what == "error":
+                raise item
+            if what == "end":
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def extract_features(train: Sequence[data.Sample], s: Settings, device: torch.device,
-                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     batch_size: int, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch features of every training image (N, D) float16 on CPU, and their random projection (N, 128) on device."""
     extractor = extractor_for(s.backbone, s.weights, s.layers, device)
     loader = data.make_loader(train, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop,
-                              device=device)
+                              device=device, workers=workers)
     projection = random_projection(s.target_dim, PROJECTION_DIM, s.seed).to(device)
     # Memory: a 400-image category at 512 px gives ~1.6M patches x 1024 dims. Kept as float32 that is 6.7 GB; we
     # keep float16 on the CPU (3.4 GB; the rounding, ~1e-3 relative, is far below patch-to-patch distances) and
@@ -380,16 +513,19 @@ def extract_features(train: Sequence[data.Sample], s: Settings, device: torch.de
             n = len(train) * len(f) // len(batch["index"])  # every image has the same H*W patches
             features = torch.empty(n, s.target_dim, dtype=torch.float16)  # (N, D) on the CPU
             projected = torch.empty(n, PROJECTION_DIM, device=device)  # (N, 128)
-        features[start:start + len(f)] = f.to("cpu", torch.float16)
+        # float16 on the device, then the copy: half the bytes cross to the host (f.to("cpu", torch.float16) would
+        # copy float32 and convert on the CPU)
+        features[start:start + len(f)] = f.half().cpu()
         projected[start:start + len(f)] = f @ projection  # (B*H*W, D) -> (B*H*W, 128)
     return features, projected
 
 
-def fit(train: Sequence[data.Sample], s: Settings, device: torch.device, batch_size: int) -> MemoryBank:
+def fit(train: Sequence[data.Sample], s: Settings, device: torch.device, batch_size: int,
+        workers: int = 0) -> MemoryBank:
     """Extract the patch features of every training image and keep a greedy coreset of them as the memory bank."""
-    features, z = extract_features(train, s, device, batch_size)  # (N, D), (N, 128)
+    features, z = extract_features(train, s, device, batch_size, workers)  # (N, D), (N, 128)
     idx = greedy_coreset(z, s.coreset_ratio, s.seed)  # (M,)
-    return MemoryBank(s, NearestNeighbours(features[idx.cpu()].float().numpy(), device))
+    return MemoryBank(s, NearestNeighbours(features[idx.cpu()].float().numpy(), device, s.search, s.nprobe, s.seed))
 
 
 def reweight(nn: NearestNeighbours, query: np.ndarray, dist: float, idx: int, k: int) -> float:
@@ -406,15 +542,15 @@ def reweight(nn: NearestNeighbours, query: np.ndarray, dist: float, idx: int, k:
 
 
 def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device, batch_size: int,
-          desc: str = "scoring") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+          desc: str = "scoring", workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Image scores (N,), anomaly maps (N, S, S) and ground-truth masks (N, S, S) bool of samples (all zero for good
     images and missing masks). Every image is scored on its own: batch-independent."""
     s = bank.settings
     extractor = extractor_for(s.backbone, s.weights, s.layers, device)
     loader = data.make_loader(samples, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop,
-                              device=device)
+                              device=device, workers=workers)
     scores, maps, masks = [], [], []
-    for batch in tqdm(loader, desc=desc, disable=None, leave=False):
+    for batch in tqdm(prefetched(loader), desc=desc, total=len(loader), disable=None, leave=False):
         images = batch["image"].to(device, non_blocking=True)
         f, grid = embed(extractor, images, s)  # (B, H*W, D)
         f = f.cpu().numpy()
@@ -436,6 +572,8 @@ def run(args: argparse.Namespace) -> dict:
     """Fit (or --load) a memory bank, score the test or evaluation images, write the result files; return metrics."""
     torch.manual_seed(args.seed)
     device = backbones.pick_device(args.device)
+    print(backbones.describe_device(backbones.device_info(device)))
+    backbones.set_precision(args.precision)
     train, test = data.load_category(args.data_root, args.category)
     heldout_good = []
     if args.split:  # the shared evaluation set of evaluate.py's protocol (PatchCore never uses the defects)
@@ -449,20 +587,23 @@ def run(args: argparse.Namespace) -> dict:
     with data.atomic_dir(out_dir) as tmp:
         # Fit: features of train/good -> coreset memory bank (or reuse a saved one)
         t0 = time.perf_counter()
-        if args.load:
-            bank = MemoryBank.load(args.load, device)
-            print(f"loaded memory bank of {len(bank.nn)} patches from {args.load} (its settings override the flags)")
+        if args.load:  # setting nprobe is free (no retraining), so --nprobe may change that of a saved IVF bank
+            bank = MemoryBank.load(args.load, device, args.nprobe)
+            print(f"loaded memory bank of {len(bank.nn)} patches from {args.load} (its settings override the flags"
+                  f"{', except --nprobe' if args.nprobe is not None else ''})")
         else:
             settings = Settings(args.backbone, args.weights, tuple(args.layers or ()) or backbones.default_layers(args.backbone),
                                 args.image_size, args.center_crop, args.patch_size, args.pretrain_dim,
-                                args.target_dim, args.coreset_ratio, args.reweight, args.reweight_k, args.seed)
-            bank = fit(train, settings, device, args.batch_size)
+                                args.target_dim, args.coreset_ratio, args.reweight, args.reweight_k, args.seed,
+                                args.search, NPROBE if args.nprobe is None else args.nprobe)
+            bank = fit(train, settings, device, args.batch_size, args.workers)
         fit_seconds = time.perf_counter() - t0
-        print(f"fit: {len(bank.nn)} patches in the memory bank, {fit_seconds:.1f} s")
+        print(f"fit: {len(bank.nn)} patches in the memory bank, {fit_seconds:.1f} s, search {bank.nn.kind}"
+              + (f" ({bank.nn.n_lists} lists, nprobe {bank.settings.nprobe})" if bank.nn.kind == "ivf" else ""))
 
         # Score: every test (or evaluation) image, then the metrics shared with classify.py
         t0 = time.perf_counter()
-        scores, maps, masks = score(bank, test, device, args.batch_size)
+        scores, maps, masks = score(bank, test, device, args.batch_size, workers=args.workers)
         ms_per_image = 1000 * (time.perf_counter() - t0) / len(test)
         s = bank.settings
         labels = np.array([x.label for x in test])
@@ -470,14 +611,17 @@ def run(args: argparse.Namespace) -> dict:
         # A deployable threshold needs normal images that are neither in the bank nor evaluated: the split's pool.
         threshold = None
         if heldout_good:
-            heldout_scores = score(bank, heldout_good, device, args.batch_size, "held-out good")[0]
+            heldout_scores = score(bank, heldout_good, device, args.batch_size, "held-out good", args.workers)[0]
             threshold = normal_threshold(heldout_scores)
             op = operating_point(labels, scores, threshold)
             metrics.update(recall_at_threshold=op["recall"], fpr_at_threshold=op["fpr"])
         metrics.update(threshold=threshold, fit_seconds=fit_seconds, ms_per_image=ms_per_image,
                        params_millions=backbones.count_params(extractor_of(s)) / 1e6,
                        peak_rss_mb=data.peak_rss_mb(), memory_bank_size=len(bank.nn), settings=asdict(s),
-                       args=vars(args), run_info=data.run_info())
+                       n_train_images=None if args.load else len(train),
+                       args=vars(args), run_info=data.run_info(),
+                       device_info=backbones.device_info(device, faiss_gpu=bank.nn.index is not bank.nn.cpu))
+        metrics["ivf_lists"] = bank.nn.n_lists  # beside settings' search and nprobe; None for exact search
 
         # Write: scores.csv (and the held-out normals' heldout_scores.csv), metrics.json, the memory bank, overlays
         data.write_scores(tmp / "scores.csv", test, scores)
@@ -519,9 +663,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="fraction of patches kept in the memory bank")
     p.add_argument("--reweight", action="store_true", help="Eq. 7 image-score reweighting (off, as the official code)")
     p.add_argument("--reweight-k", type=int, default=9, help="size of the neighbourhood N_b(m*) in Eq. 7")
+    p.add_argument("--search", choices=SEARCHES, default="exact",
+                   help="nearest-neighbour search: exact, or FAISS IVF lists (approximate; faster on large banks)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help=f"IVF lists searched per query (default {NPROBE}; with --load the saved value unless given)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=backbones.PRECISIONS, default="mixed",
+                   help="mixed: cuDNN may run the backbone's float32 convolutions in TF32 on a GPU (PyTorch's "
+                        "default); float32: no TF32, for a strict comparison with the CPU")
+    p.add_argument("--workers", type=int, default=data.default_workers(),
+                   help="DataLoader worker processes (default for this machine: 0 on <= 2 cores, else "
+                        "min(8, cores - 1)); the same seed gives the same results for any number")
     p.add_argument("--split", default=None, help="split JSON from data.py: score only its evaluation images")
     p.add_argument("--load", default=None, help="memory_bank folder (or run folder) to reuse instead of fitting")
     p.add_argument("--save-maps", type=int, default=0, help="save overlays of the N highest-scoring images")
@@ -534,6 +688,8 @@ def main(argv=None) -> dict:
     try:
         if not 0 < args.coreset_ratio <= 1:
             raise data.DataError(f"--coreset-ratio must be in (0, 1], got {args.coreset_ratio}")
+        if args.nprobe is not None and args.nprobe < 1:  # its upper bound, the number of lists, needs the bank
+            raise data.DataError(f"--nprobe must be at least 1, got {args.nprobe}")
         return run(args)
     except data.DataError as e:
         sys.exit(f"error: {e}")

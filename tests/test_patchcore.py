@@ -1,6 +1,8 @@
 """PatchCore: coreset, nearest-neighbour wrapper, scoring properties, determinism, files, bad input."""
 import csv
+import dataclasses
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -150,6 +152,127 @@ def test_reweight_eq7_by_hand():
     assert patchcore.reweight(nn, np.array([12.0]), 2.0, 3, 2) == pytest.approx((1 - w) * 2)
 
 
+# ---- IVF search (issue 16) -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clustered():
+    """20 well-separated Gaussian clusters in 64-d (centres ~34 apart, points ~8 from theirs): a bank (4000, 64),
+    queries (2000, 64) and, in float64, each query's relative gap between its nearest and second-nearest bank row."""
+    rng = np.random.default_rng(0)
+    centres = 3 * rng.normal(size=(20, 64))
+    bank = (centres[rng.integers(0, 20, 4000)] + rng.normal(size=(4000, 64))).astype(np.float32)
+    queries = (centres[rng.integers(0, 20, 2000)] + rng.normal(size=(2000, 64))).astype(np.float32)
+    b, q = bank.astype(np.float64), queries.astype(np.float64)
+    d = np.sqrt(np.maximum((q * q).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * q @ b.T, 0))  # (2000, 4000)
+    two = np.sort(d, 1)[:, :2]  # (2000, 2)
+    return bank, queries, (two[:, 1] - two[:, 0]) / two[:, 0]
+
+
+def test_ivf_lists_from_the_bank_size():
+    assert patchcore.ivf_lists(40000) == 800  # 4 sqrt(N) for a large bank
+    assert patchcore.ivf_lists(4000) == 102 == 4000 // patchcore.POINTS_PER_LIST  # 4 sqrt(N) = 253: too few points
+    assert patchcore.ivf_lists(77) == 1  # too small for an IVF index (see test_ivf_bad_nprobe_and_too_small_bank)
+
+
+def test_ivf_probing_every_list_finds_the_exact_neighbours(clustered):
+    bank, queries, gap = clustered
+    exact = patchcore.NearestNeighbours(bank, CPU)
+    ivf = patchcore.NearestNeighbours(bank, CPU, "ivf", seed=0)
+    assert (exact.kind, ivf.kind, ivf.n_lists) == ("exact", "ivf", 102)
+    ivf.set_nprobe(ivf.n_lists)
+    (d, i), (de, ie) = ivf.search(queries, 3), exact.search(queries, 3)
+    # IndexFlatL2 computes |q|^2 + |m|^2 - 2<q, m> (BLAS), IVF sums squared differences: the same distances up to
+    # float32 rounding (here < 1e-5 relative), so only a query whose two nearest rows tie that closely may differ.
+    np.testing.assert_allclose(d, de, rtol=1e-4)
+    tie = gap < 1e-4
+    assert tie.mean() < 0.01 and np.array_equal(i[~tie, 0], ie[~tie, 0])
+    # Eq. 7 through the IVF index (its rows reconstructed from the lists) gives exact search's reweighted score
+    for j in range(5):
+        args = (queries[j], float(de[j, 0]), int(ie[j, 0]), 9)
+        assert patchcore.reweight(ivf, *args) == pytest.approx(patchcore.reweight(exact, *args), rel=1e-4)
+
+
+def test_ivf_default_nprobe_finds_nearly_every_exact_neighbour_and_is_seeded(clustered):
+    bank, queries, _ = clustered
+    _, exact = patchcore.NearestNeighbours(bank, CPU).search(queries, 1)
+    ivf = patchcore.NearestNeighbours(bank, CPU, "ivf", seed=0)
+    assert ivf.cpu.nprobe == patchcore.NPROBE == 8
+    found = (ivf.search(queries, 1)[1] == exact).mean()
+    ivf.set_nprobe(1)
+    assert found >= 0.99 and (ivf.search(queries, 1)[1] == exact).mean() < found  # nprobe is what is searched
+    centroids = lambda nn: nn.cpu.quantizer.reconstruct_n(0, nn.n_lists)  # (lists, 64) of the seeded k-means
+    same, other = (patchcore.NearestNeighbours(bank, CPU, "ivf", seed=s) for s in (0, 1))
+    assert np.array_equal(centroids(same), centroids(ivf)) and not np.array_equal(centroids(other), centroids(ivf))
+
+
+def test_ivf_save_load_keeps_kind_and_nprobe(clustered, tmp_path):
+    bank, queries, _ = clustered
+    s = dataclasses.replace(settings(), target_dim=64, search="ivf", nprobe=4)
+    fitted = patchcore.MemoryBank(s, patchcore.NearestNeighbours(bank, CPU, "ivf", 4, seed=0))
+    fitted.save(tmp_path / "bank")
+    loaded = patchcore.MemoryBank.load(tmp_path / "bank", CPU)
+    assert loaded.settings == s and (loaded.nn.kind, loaded.nn.cpu.nprobe) == ("ivf", 4)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.nn.search(queries, 2), fitted.nn.search(queries, 2)))
+    assert np.array_equal(loaded.nn.vectors(np.array([7, 3999])), bank[[7, 3999]])  # rows back from the lists
+    assert patchcore.NearestNeighbours.load(tmp_path / "bank" / "index.faiss", CPU).cpu.nprobe == 4  # in the file too
+    again = patchcore.MemoryBank.load(tmp_path / "bank", CPU, nprobe=2)  # nprobe may change without retraining
+    assert again.settings.nprobe == again.nn.cpu.nprobe == 2
+    # A bank saved before issue 16 (no search, no nprobe in settings.json) is an exact one
+    raw = json.loads((tmp_path / "bank" / "settings.json").read_text())
+    (tmp_path / "old").mkdir()
+    patchcore.NearestNeighbours(bank, CPU).save(tmp_path / "old" / "index.faiss")
+    data.write_json(tmp_path / "old" / "settings.json", {k: v for k, v in raw.items() if k not in ("search", "nprobe")})
+    old = patchcore.MemoryBank.load(tmp_path / "old", CPU, nprobe=2)
+    assert (old.settings.search, old.settings.nprobe, old.nn.kind) == ("exact", patchcore.NPROBE, "exact")
+
+
+def test_ivf_bad_nprobe_and_too_small_bank(clustered):
+    bank, _, _ = clustered
+    ivf = patchcore.NearestNeighbours(bank, CPU, "ivf", seed=0)
+    for bad in (0, ivf.n_lists + 1):
+        with pytest.raises(data.DataError, match=f"--nprobe must be between 1 and the 102 IVF lists .*got {bad}$"):
+            ivf.set_nprobe(bad)
+    with pytest.raises(data.DataError, match="--nprobe must be between 1 and the 102"):
+        patchcore.NearestNeighbours(bank, CPU, "ivf", nprobe=103, seed=0)
+    # Too small to train two lists: one sentence, no silent fallback to exact search (see patchcore.ivf_index)
+    with pytest.raises(data.DataError, match="at least 78 patches to train its lists, this one has 77; use --search"):
+        patchcore.NearestNeighbours(bank[:77], CPU, "ivf")
+    small = patchcore.NearestNeighbours(bank[:78], CPU, "ivf", nprobe=1)
+    assert small.n_lists == 2 and small.search(bank[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
+    # One list of two cannot hold all 78 rows: FAISS would pad with -1, the wrapper says so instead
+    with pytest.raises(data.DataError, match="with nprobe=1 the IVF lists searched hold fewer than k=78 patches"):
+        small.search(bank[:1], 78)
+    with pytest.raises(ValueError, match="nprobe applies to an ivf index only"):
+        patchcore.NearestNeighbours(bank, CPU).set_nprobe(2)
+
+
+# ---- prefetching the next batch (issue 16) ---------------------------------------------------------------------
+def test_prefetched_keeps_order_raises_in_place_and_stops_early():
+    assert list(patchcore.prefetched(range(50))) == list(range(50))
+    assert list(patchcore.prefetched([None, 0, None])) == [None, 0, None]  # no item is taken for the end
+
+    def broken():
+        yield from (0, 1, 2)
+        raise data.DataError("cannot read image 3.png")
+    got = []
+    with pytest.raises(data.DataError, match="3.png"):
+        for x in patchcore.prefetched(broken()):
+            got.append(x)
+    assert got == [0, 1, 2]
+    items = patchcore.prefetched(iter(range(10 ** 9)))
+    assert next(items) == 0
+    items.close()  # the caller stops early: the reading thread ends too
+    assert not any(t.name == "prefetch" for t in threading.enumerate())
+
+
+def test_prefetching_does_not_change_scores(synth_root, monkeypatch):
+    train, test = data.load_category(synth_root, "washer")
+    bank = patchcore.fit(train[:4], settings(ratio=0.5), CPU, 4)
+    scores, maps, masks = patchcore.score(bank, test, CPU, 3)
+    monkeypatch.setattr(patchcore, "prefetched", iter)  # the plain loop over the loader
+    plain = patchcore.score(bank, test, CPU, 3)
+    assert np.array_equal(plain[0], scores) and np.array_equal(plain[1], maps) and np.array_equal(plain[2], masks)
+
+
 # ---- features ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backbone,weights", [("efficientnet_lite0", "imagenet"), ("wide_resnet50_2", "none")])
 def test_embed_shape_is_stride_8_grid(backbone, weights):
@@ -251,10 +374,45 @@ def test_main_writes_results_and_load_reuses_the_bank(synth_root, tmp_path):
     assert saved["image_auroc"] == m["image_auroc"] and saved["threshold"] is not None
     assert len(list((out / "maps").glob("*.png"))) == 3
     assert (out / "memory_bank" / "index.faiss").is_file()
+    ran_on = "cpu" if backbones.cuda_problem() else "cuda:0"  # what --device auto chose, with the GPU's index
+    assert saved["device_info"]["device"] == ran_on and saved["device_info"]["torch"] == torch.__version__
+    assert saved["device_info"]["faiss_gpu"] is (ran_on != "cpu" and patchcore.faiss.get_num_gpus() > 0)
+    assert saved["args"]["precision"] == "mixed" and saved["args"]["workers"] == data.default_workers()
     again = patchcore.main(args[:-2] + ["--out-dir", str(tmp_path / "again"), "--load", str(out)])
     with open(tmp_path / "again" / "scores.csv") as f:
         assert [r["score"] for r in csv.DictReader(f)] == [r["score"] for r in rows]
     assert again["image_auroc"] == m["image_auroc"]
+
+
+def test_main_ivf_records_the_search_and_scores_as_exact_search_does(synth_root, tmp_path):
+    base = ["--data-root", str(synth_root), "--category", "washer", "--backbone", "efficientnet_lite0",
+            "--image-size", "64", "--coreset-ratio", "0.5"]  # 16 images x 64 patches / 2: 512 patches, 13 lists
+    exact = patchcore.main(base + ["--out-dir", str(tmp_path / "exact")])
+    ivf = patchcore.main(base + ["--search", "ivf", "--out-dir", str(tmp_path / "ivf")])
+    saved = json.loads((tmp_path / "ivf" / "metrics.json").read_text())
+    assert (saved["settings"]["search"], saved["settings"]["nprobe"], saved["ivf_lists"]) == ("ivf", 8, 13)
+    assert (exact["settings"]["search"], exact["ivf_lists"]) == ("exact", None)
+    scores = {}
+    for name in ("exact", "ivf"):
+        with open(tmp_path / name / "scores.csv") as f:
+            scores[name] = np.array([float(r["score"]) for r in csv.DictReader(f)])
+    # Where IVF finds each image's worst patch's exact neighbour, only float32 rounding separates the two (IndexFlatL2:
+    # |q|^2 + |m|^2 - 2<q, m>, IVF: a sum of squared differences; ~2e-6 relative here); a missed neighbour would be
+    # another bank row, farther by far more than 1e-4 on these features.
+    np.testing.assert_allclose(scores["ivf"], scores["exact"], rtol=1e-4)
+    assert ivf["image_auroc"] == exact["image_auroc"]
+    # --load keeps the saved IVF index; --nprobe may change its nprobe (no retraining)
+    again = patchcore.main(base + ["--load", str(tmp_path / "ivf"), "--nprobe", "13", "--out-dir", str(tmp_path / "a")])
+    assert (again["settings"]["search"], again["settings"]["nprobe"], again["ivf_lists"]) == ("ivf", 13, 13)
+    # Bad input: one sentence, no out dir (nprobe's upper bound and the bank's size are known after fitting only)
+    bad = ["--search", "ivf", "--out-dir", str(tmp_path / "bad")]
+    with pytest.raises(SystemExit, match="--nprobe must be at least 1, got 0$"):
+        patchcore.main(base + bad + ["--nprobe", "0"])
+    with pytest.raises(SystemExit, match="--nprobe must be between 1 and the 13 IVF lists of this 512-patch memory"):
+        patchcore.main(base + bad + ["--nprobe", "14"])
+    with pytest.raises(SystemExit, match="needs a memory bank of at least 78 patches .* has 51; use --search exact"):
+        patchcore.main(base[:-1] + ["0.05"] + bad)
+    assert not (tmp_path / "bad").exists() and list(tmp_path.glob(".bad*")) == []
 
 
 def test_bad_inputs_exit_with_one_sentence_and_no_out_dir(synth_root, tmp_path, capsys, monkeypatch):
