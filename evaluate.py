@@ -1,9 +1,9 @@
 """The study: supervised classifier (classify.py) vs PatchCore (patchcore.py) on the same seeded MVTec-layout splits.
 
-For each category and scenario (all defect types seen, an unseen defect type, few-shot) it calls the public `run()`
-of both scripts, then tabulates image AUROC, AP, F1-max, recall/FPR at a threshold fixed on normal images only, and
-pixel AUROC / AUPRO (all from metrics.py), writes results.csv, report.md and plots. It is the only file that
-imports the two methods.
+For each category and scenario (all defect types seen, an unseen defect type, few-shot, and DRA's open-set general
+and hard protocol) it calls the public `run()` of both scripts; report.py then tabulates image AUROC, AP, F1-max,
+recall/FPR at a threshold fixed on normal images only, and pixel AUROC / AUPRO (all from metrics.py) into
+results.csv, report.md and plots. It is the only file that imports the two methods.
 
     python evaluate.py --demo                                      # synthetic data, reduced study, CPU, ~3 min
     python evaluate.py --data-root ~/mvtec --categories bottle,screw --seeds 0,1,2 --out-dir runs/study   # GPU
@@ -12,13 +12,9 @@ imports the two methods.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 import time
-import zlib
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +22,23 @@ import numpy as np
 import backbones
 import classify
 import data
-import metrics
 import patchcore
+import report
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The study. Per category and seed, data.make_split cuts every test folder into a pool (the classifier may learn from
-# its defects) and an evaluation part. Every classifier run and every PatchCore run of that (category, seed) is
-# scored on evaluation parts only, so both methods are always compared on identical images.
+# The study. Pool protocol (all-types, unseen-type, few-shot): per category and seed, data.make_split cuts every test
+# folder into a pool (the classifier may learn from its defects) and an evaluation part, and every run of that
+# (category, seed) is scored on evaluation parts only. Open-set protocol (general, hard; DRA's, the protocol of the
+# published tables): data.open_set_split draws M labelled anomalies and evaluates every other test image it keeps.
+# Either way PatchCore is scored on exactly the classifier's evaluation images.
 # ----------------------------------------------------------------------------------------------------------------
 STUDY_SCENARIOS = ("all-types", "unseen-type", "few-shot", *data.OPEN_SET_SCENARIOS)
-TABLE_METRICS = ("image_auroc", "average_precision", "f1_max", "recall_at_threshold", "fpr_at_threshold",
-                 "pixel_auroc", "aupro")
-COST_METRICS = ("n_labelled", "train_seconds", "ms_per_image", "params_millions", "peak_rss_mb")
 # The README's first command: synthetic data, EfficientNet-Lite0 for both methods (offline weights), 128 px, CPU.
-DEMO = dict(categories="weave,washer", scenarios="all-types,unseen-type,few-shot", seeds="0", k_values="1,2,4",
-            few_shot_k="1,2,4", unseen_k=4, image_size=128, classifier_backbone="efficientnet_lite0",
-            patchcore_backbone="efficientnet_lite0", epochs=5, batch_size=8, coreset_ratio=0.1)
+DEMO = dict(categories="weave,washer", scenarios=",".join(STUDY_SCENARIOS), seeds="0", k_values="1,2,4",
+            few_shot_k="1,2,4", unseen_k=4, general_m="4", hard_m="4", image_size=128,
+            classifier_backbone="efficientnet_lite0", patchcore_backbone="efficientnet_lite0", epochs=5,
+            batch_size=8, coreset_ratio=0.1)
 
 
 def parse_k(text: str) -> list[int | None]:
@@ -118,57 +114,83 @@ def plan_open_set(train, test, category: str, seed: int, args) -> list[dict]:
     return splits
 
 
-def run_study(args) -> None:
-    """Every run of the study: PatchCore once per (category, seed) and protocol, the classifier once per split.
-    PatchCore's unseen-type, general and hard results are its scores of the same images in its one run of that
-    protocol (collect), not another pass."""
-    common = ["--data-root", str(args.data_root), "--image-size", str(args.image_size), "--device", args.device,
-              "--weights", args.weights]
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'2/4' -> (2, 4): this process runs the 2nd of 4 parts; None -> (1, 1), every run."""
+    if text is None:
+        return 1, 1
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise data.DataError(f"--shard takes K/N with 1 <= K <= N (e.g. 1/4 for the first of four parts), got '{text}'")
+    return k, n
+
+
+def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
+    """Every run of the study, in a fixed order: (run folder, study.json info, its split, the split's file, the
+    call). PatchCore once per (category, seed) and protocol, the classifier once per split; PatchCore's unseen-type,
+    general and hard results are its scores of the same images in its one run of that protocol (report.collect).
+    Bad input (folders, --seeds, --general-m, --hard-m) ends in one sentence here, before any folder is written."""
+    device = str(backbones.pick_device(args.device))  # resolved once: 'auto' without CUDA says why, once
+    common = ["--data-root", str(args.data_root), "--image-size", str(args.image_size), "--device", device,
+              "--precision", args.precision] + (["--workers", str(args.workers)] if args.workers is not None else [])
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
-    loaded = {c: data.load_category(args.data_root, c) for c in categories}  # bad input fails before any training
+    loaded = {c: data.load_category(args.data_root, c) for c in categories}
     seeds = parse_k(args.seeds)
     if None in seeds:
         raise data.DataError(f"--seeds takes whole numbers, got '{args.seeds}'")
     pool = [s for s in args.scenarios if s not in data.OPEN_SET_SCENARIOS]
     open_set = [s for s in args.scenarios if s in data.OPEN_SET_SCENARIOS]
-    # Plan every split first: bad --general-m / --hard-m values end in one sentence before any folder is written
-    planned = {(c, seed): (plan_splits(loaded[c][1], c, seed, args) if pool else []) +
-                          plan_open_set(*loaded[c], c, seed, args) for c in categories for seed in seeds}
-    jobs = []  # (run folder, study.json info, the call), planned first so that progress can be estimated
+    jobs = []
     for category in categories:
         train, test = loaded[category]
         for seed in seeds:
             base = Path(args.out_dir) / category / f"seed{seed}"
-            (base / "splits").mkdir(parents=True, exist_ok=True)
-            splits = planned[(category, seed)]
-            for split in splits:
-                data.write_split({k: v for k, v in split.items() if k not in ("tag", "role", "reference")},
-                                 base / "splits" / f"{split['tag']}.json")
             info = dict(category=category, seed=seed, data_root=str(args.data_root))
             # PatchCore never sees a defect: fit once on train/good, score every evaluation image of the protocol
             # (pool: the all-types evaluation set; open-set: every test image, its held-out normals from train/good)
             pc_splits = ([("all", "all-types", data.make_split(test, category, seed, "all-types", None))] if pool else []) + \
                 ([("open-set", "open-set", data.open_set_patchcore_split(train, test, category, seed))] if open_set else [])
             for tag, role, split in pc_splits:
-                data.write_split(split, base / "splits" / f"{tag}.json")
                 pc_args = common + ["--category", category, "--backbone", args.patchcore_backbone, "--seed", str(seed),
+                                    "--weights", args.patchcore_weights or args.weights, "--search", args.search,
                                     "--coreset-ratio", str(args.coreset_ratio), "--batch-size", str(args.batch_size),
                                     "--split", str(base / "splits" / f"{tag}.json"), "--out-dir", str(base / "patchcore" / tag)]
+                pc_args += ["--nprobe", str(args.nprobe)] if args.nprobe is not None else []
                 jobs.append((base / "patchcore" / tag,
                              {**info, "method": "patchcore", "tag": tag, "role": role, "n_labelled": 0},
+                             split, base / "splits" / f"{tag}.json",
                              lambda a=pc_args: patchcore.run(patchcore.parse_args(a))))
             # The classifier: one training run per split
+            splits = (plan_splits(test, category, seed, args) if pool else []) + \
+                plan_open_set(train, test, category, seed, args)
             for split in splits:
                 run_dir = base / "classify" / split["tag"]
                 cl_args = common + ["--category", category, "--backbone", args.classifier_backbone, "--seed",
-                                    str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                                    str(seed), "--weights", args.classifier_weights or args.weights,
+                                    "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                                     "--split", str(base / "splits" / f"{split['tag']}.json"), "--out-dir", str(run_dir)]
                 jobs.append((run_dir, {**info, "method": "classifier", "tag": split["tag"], "role": split["role"],
                                        "held_out": split["held_out"], "reference": split.get("reference"),
                                        "n_labelled": len(split["train_defects"])},
+                             {k: v for k, v in split.items() if k not in ("tag", "role", "reference")},
+                             base / "splits" / f"{split['tag']}.json",
                              lambda a=cl_args: classify.run(classify.parse_args(a))))
+    return jobs
+
+
+def run_study(args) -> None:
+    """Run (or resume) this process's share of the planned runs. With --shard K/N it takes every N-th run from the
+    K-th: N processes (one per GPU, or the tasks of a cluster job array) share one study folder, and no two ever
+    write the same run folder or split file (each split file belongs to one run)."""
+    k, n = parse_shard(args.shard)
+    planned = plan_study(args)
+    jobs = planned[k - 1::n]
+    if n > 1:
+        print(f"shard {k}/{n}: {len(jobs)} of the study's {len(planned)} runs")
     seconds = {}  # method -> durations of the runs done in this call, for the estimate of the time left
-    for i, (run_dir, info, call) in enumerate(jobs):
+    for i, (run_dir, info, split, split_file, call) in enumerate(jobs):
         if (run_dir / "metrics.json").is_file() and (run_dir / "study.json").is_file():
             print(f"[skip] {run_dir} exists")  # resumable: finished runs are kept
             continue
@@ -176,6 +198,8 @@ def run_study(args) -> None:
         print(f"\n=== [{i + 1}/{len(jobs)}] {info['method']} {info['category']} seed {info['seed']} {info['tag']} "
               f"-> {run_dir}{time_left(left, seconds)}", flush=True)
         t0 = time.perf_counter()
+        split_file.parent.mkdir(parents=True, exist_ok=True)
+        data.write_split(split, split_file)  # the seeded draw, listing every labelled and evaluation image
         call()
         data.write_json(run_dir / "study.json", info)
         seconds.setdefault(info["method"], []).append(time.perf_counter() - t0)
@@ -192,522 +216,26 @@ def time_left(methods: list[str], seconds: dict[str, list[float]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Results: every number of the report is recomputed here from the runs' scores.csv (image metrics, intervals, the
-# fused detector) and metrics.json (pixel metrics, costs). One Scored per method and evaluation set.
+# The report (report.py) draws everything from saved scores; the heatmaps need the methods, so they are drawn here.
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Scored:
-    """One method's scores on one evaluation set of one (category, seed): what a table row is computed from."""
-    category: str
-    seed: int
-    scenario: str           # all-types, few-shot, unseen-type, seen-type
-    method: str             # patchcore, classifier, fused
-    tag: str                # the classifier's split (k5, unseen-hole-k5); PatchCore: all
-    held_out: str | None    # seen-type / unseen-type: the defect type of the set (good + that type)
-    n_labelled: int
-    paths: np.ndarray       # (N,) image paths: they pair the methods on identical images
-    labels: np.ndarray      # (N,) 0 good, 1 defect
-    types: np.ndarray       # (N,) defect type
-    scores: np.ndarray      # (N,) higher = more anomalous
-    threshold: float | None = None  # the deployable threshold, from held-out normal images
-    extra: dict = field(default_factory=dict)  # pixel metrics and costs, for a run's own evaluation set only
-
-    def on(self, paths: np.ndarray, **change) -> "Scored":
-        """The same scores, for the images `paths` only, in that order (each must be among self.paths)."""
-        where = {p: i for i, p in enumerate(self.paths)}
-        missing = [p for p in paths if p not in where]
-        if missing:
-            raise data.DataError(f"{self.method} run of {self.category} seed {self.seed} has no score for {missing[0]}")
-        i = np.array([where[p] for p in paths], dtype=int)
-        return replace(self, paths=self.paths[i], labels=self.labels[i], types=self.types[i], scores=self.scores[i],
-                       extra={}, **change)
-
-
-def image_set_seed(paths: np.ndarray) -> int:
-    """The bootstrap seed of a set of images: identical images (two methods compared) resample identically."""
-    return zlib.crc32("\n".join(sorted(paths)).encode())
-
-
-def load_run(run_dir: Path) -> tuple[dict, Scored, dict[str, float]]:
-    """(study.json, the run's Scored, its held-out normal scores by path) of one finished run."""
-    info = json.loads((run_dir / "study.json").read_text())
-    saved = json.loads((run_dir / "metrics.json").read_text())
-    paths, labels, types, scores = data.read_scores(run_dir / "scores.csv")
-    heldout = dict(zip(*data.read_scores(run_dir / "heldout_scores.csv")[::3])) \
-        if (run_dir / "heldout_scores.csv").is_file() else {}
-    extra = {k: saved.get(k) for k in ("pixel_auroc", "aupro", "ms_per_image", "params_millions", "peak_rss_mb")}
-    extra["train_seconds"] = saved.get("train_seconds", saved.get("fit_seconds"))
-    run = Scored(info["category"], info["seed"], info["role"], info["method"], info["tag"], info.get("held_out"),
-                 info["n_labelled"], np.array(paths), labels, types, scores, saved.get("threshold"), extra)
-    return info, run, heldout
-
-
-# The fused detector: PatchCore and the classifier together, with no training of its own. Each method's score is
-# first calibrated on the held-out normal images that method never trained on (z: how many standard deviations of
-# those normal scores above their mean; the classifier's probability as log-odds, where normal scores spread), and
-# the fused score is the larger of the two: an image is as suspicious as the more alarmed of the two methods (the
-# "either one flags it" rule of a line that runs both). Its threshold: the same rule as each method's, on the fused
-# scores of the held-out normals both methods scored.
-def calibrated(method: str, scores: np.ndarray, normal_scores: np.ndarray) -> np.ndarray:
-    """Scores in standard deviations above the mean of held-out normal scores: (N,), (M,) -> (N,). Needs M >= 2."""
-    if method == "classifier":  # probabilities -> log-odds
-        scores, normal_scores = (np.log(p) - np.log1p(-p) for p in
-                                 (np.clip(x, 1e-12, 1 - 1e-12) for x in (scores, normal_scores)))
-    spread = max(float(np.std(normal_scores, ddof=1)), 1e-12)
-    return (scores - np.mean(normal_scores)) / spread
-
-
-def fuse(pc: Scored, pc_normals: dict[str, float], cl: Scored, cl_normals: dict[str, float]) -> Scored | None:
-    """The fused detector on the classifier's evaluation images (None without 2+ held-out normals per method)."""
-    if min(len(pc_normals), len(cl_normals)) < 2:
-        return None
-    pc_on = pc.on(cl.paths)  # PatchCore's scores of the very same images, in the same order
-
-    def z(paths_pc, scores_pc, scores_cl):
-        return np.maximum(calibrated("patchcore", scores_pc, np.array(list(pc_normals.values()))),
-                          calibrated("classifier", scores_cl, np.array(list(cl_normals.values()))))
-    both = sorted(set(pc_normals) & set(cl_normals))  # held-out normals scored by both methods
-    threshold = metrics.normal_threshold(z(both, np.array([pc_normals[p] for p in both]),
-                                           np.array([cl_normals[p] for p in both]))) if both else None
-    return replace(cl, method="fused", scores=z(cl.paths, pc_on.scores, cl.scores), threshold=threshold, extra={})
-
-
-def collect(study_dir: Path) -> list[Scored]:
-    """Every Scored of a study folder, from its finished runs.
-
-    all-types / few-shot: each classifier run, PatchCore's run (the same evaluation images) and their fusion.
-    unseen-type: each classifier run trained without one type, on good + that type; PatchCore's all-types scores of
-    those very images (no second scoring pass) and their fusion. seen-type: the classifier run with the same k that
-    did see the type, on the same images, and its fusion.
-    """
-    runs = [load_run(p.parent) for p in sorted(study_dir.rglob("study.json"))]
-    if not runs:
-        raise data.DataError(f"no finished runs under {study_dir} (expected <category>/seed<N>/<method>/<tag>/)")
-    # PatchCore's run of each protocol: "all-types" (pool) or "open-set" (DRA)
-    pcs = {(r.category, r.seed, info["role"]): (r, h) for info, r, h in runs if r.method == "patchcore"}
-    references = {}  # (category, seed, tag) of an all-types run -> the types held out from its unseen twins
-    for info, r, _ in runs:
-        if info.get("reference"):
-            references.setdefault((r.category, r.seed, info["reference"]), []).append(r.held_out)
-    out = []
-    for info, run, heldout in runs:
-        if run.method == "patchcore":
-            # open-set: every test image, the set PatchCore's published numbers are measured on
-            out += [replace(run, scenario=s) for s in (("open-set",) if info["role"] == "open-set" else
-                                                       ("all-types", "few-shot"))]
-            continue
-        if info["role"] in ("unseen-type", *data.OPEN_SET_SCENARIOS):
-            sets = [replace(run, scenario=info["role"])]
-        else:
-            sets = [replace(run, scenario=s) for s in ("all-types", "few-shot")]
-            for t in sorted(references.get((run.category, run.seed, run.tag), [])):
-                keep = run.paths[(run.types == "good") | (run.types == t)]
-                sets.append(run.on(keep, scenario="seen-type", held_out=t))
-        out += sets
-        protocol = "open-set" if info["role"] in data.OPEN_SET_SCENARIOS else "all-types"
-        pc, pc_normals = pcs.get((run.category, run.seed, protocol), (None, {}))
-        for cl in sets if pc is not None else []:
-            if cl.scenario in ("unseen-type", "seen-type"):
-                out.append(pc.on(cl.paths, scenario=cl.scenario, held_out=cl.held_out))
-            elif cl.scenario in data.OPEN_SET_SCENARIOS:  # tagged as the classifier run whose images these are
-                out.append(pc.on(cl.paths, scenario=cl.scenario, held_out=cl.held_out, tag=cl.tag))
-            fused = fuse(pc, pc_normals, cl, heldout)
-            if fused is not None:
-                out.append(fused)
-    return out
-
-
-def image_metrics(s: Scored) -> dict:
-    """The image-level metrics of one Scored (the same functions as the scripts use) and the AUROC interval."""
-    out = {"image_auroc": metrics.image_auroc(s.labels, s.scores),
-           "average_precision": metrics.average_precision(s.labels, s.scores),
-           "f1_max": metrics.f1_max(s.labels, s.scores)[0]}
-    out["image_auroc_low"], out["image_auroc_high"] = metrics.auroc_interval(s.labels, s.scores,
-                                                                             image_set_seed(s.paths))
-    if s.threshold is not None:
-        point = metrics.operating_point(s.labels, s.scores, s.threshold)
-        out.update(recall_at_threshold=point["recall"], fpr_at_threshold=point["fpr"])
-    return out
-
-
-def result_rows(scored: list[Scored]) -> list[dict]:
-    """Rows (category, scenario, method, seed, tag, held_out, n_labelled, metric, value) of results.csv."""
-    rows = []
-    for s in scored:
-        values = {**image_metrics(s), **s.extra, "n_labelled": s.n_labelled}
-        key = dict(category=s.category, scenario=s.scenario, method=s.method, seed=s.seed, tag=s.tag,
-                   held_out=s.held_out, n_labelled=s.n_labelled)
-        rows += [{**key, "metric": m, "value": v} for m, v in values.items() if v is not None]
-    return rows
-
-
-def partner(scored: list[Scored], s: Scored, method: str, **where) -> Scored | None:
-    """Another Scored on exactly the images of s (same category and seed; the same scenario unless `where` names
-    one), reordered as s, or None."""
-    where = {"scenario": s.scenario, **where}
-    for o in scored:
-        if (o.method == method and o.category == s.category and o.seed == s.seed
-                and all(getattr(o, k) == v for k, v in where.items()) and set(o.paths) == set(s.paths)):
-            return o.on(s.paths)
-    return None
-
-
-def comparisons(scored: list[Scored]) -> list[tuple[str, Scored, Scored]]:
-    """(name, a, b) pairs on identical images: every classifier set against PatchCore and the fused detector
-    against both; per unseen type, the classifier without the type against the classifier with it."""
-    out = []
-    for c in (s for s in scored if s.method == "classifier" and s.scenario in ("all-types", "unseen-type")):
-        pc = partner(scored, c, "patchcore")
-        fused = partner(scored, c, "fused", tag=c.tag)
-        out += [(n, a, b) for n, a, b in (("classifier - PatchCore", c, pc), ("fused - PatchCore", fused, pc),
-                                          ("fused - classifier", fused, c)) if a is not None and b is not None]
-        if c.scenario == "unseen-type":
-            seen = partner(scored, c, "classifier", held_out=c.held_out, scenario="seen-type")
-            out += [("classifier unseen - seen", c, seen)] if seen is not None else []
-    return out
-
-
-def difference_rows(scored: list[Scored]) -> list[dict]:
-    """Rows of differences.csv: per pair of methods on identical images, the AUROC difference and its paired
-    95 % bootstrap interval."""
-    rows = []
-    for name, a, b in comparisons(scored):
-        diff, low, high = metrics.paired_auroc_difference(a.labels, a.scores, b.scores, image_set_seed(a.paths))
-        rows.append(dict(category=a.category, seed=a.seed, scenario=a.scenario, tag=a.tag, held_out=a.held_out,
-                         comparison=name, difference=diff, low=low, high=high,
-                         real=metrics.excludes_zero(low, high)))
-    return rows
-
-
-def write_csv(rows: list[dict], fields: list[str], path: Path) -> None:
-    """A CSV of rows, written through a temp file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows({k: r.get(k) for k in fields} for r in rows)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tables: mean ± std over seeds (per category; over categories, each seed averaged over categories first), and the
-# pooled 95 % bootstrap interval: every run's images resampled on their own, the mean taken per resample.
-# ----------------------------------------------------------------------------------------------------------------
-def select(rows: list, **where) -> list:
-    """The rows (dicts) or Scored whose fields match `where`."""
-    get = (lambda r, k: r.get(k)) if rows and isinstance(rows[0], dict) else getattr
-    return [r for r in rows if all(get(r, k) == v for k, v in where.items())]
-
-
-def per_seed(rows: list[dict], categories: list[str], **where) -> list[float]:
-    """One value per seed: the mean over categories of the rows matching `where` (seeds missing a category dropped)."""
-    by_seed = {}
-    for r in select(rows, **where):
-        if r["category"] in categories:
-            by_seed.setdefault(r["seed"], {}).setdefault(r["category"], []).append(r["value"])
-    return [float(np.mean([np.mean(v) for v in cats.values()])) for cats in by_seed.values()
-            if len(cats) == len(categories)]
-
-
-def resamples(s: Scored) -> np.ndarray:
-    """The AUROC of every bootstrap resample of s's images (R,)."""
-    counts = metrics.bootstrap_counts(int(s.labels.sum()), int((s.labels == 0).sum()), image_set_seed(s.paths))
-    return metrics.auroc_resamples(s.labels, s.scores, counts)
-
-
-def pooled_interval(sets: list[Scored]) -> tuple[float, float] | None:
-    """95 % bootstrap interval of the mean image AUROC of several runs (None for no run)."""
-    return metrics.interval(np.mean([resamples(s) for s in sets], axis=0)) if sets else None
-
-
-def pooled_difference(pairs: list[tuple[Scored, Scored]]) -> tuple[float, float, float] | None:
-    """(mean AUROC(a) - AUROC(b), its 95 % paired bootstrap interval) over pairs on identical images."""
-    if not pairs:
-        return None
-    diff = np.mean([resamples(a) - resamples(b) for a, b in pairs], axis=0)  # (R,) same resamples for a and b
-    point = np.mean([metrics.image_auroc(a.labels, a.scores) - metrics.image_auroc(b.labels, b.scores)
-                     for a, b in pairs])
-    return float(point), *metrics.interval(diff)
-
-
-def fmt(values: list[float], digits: int = 3) -> str:
-    """'0.953 ± 0.012' (std over seeds), '0.953' for one seed, '–' for none."""
-    if not values:
-        return "–"
-    if len(values) == 1 or (digits == 0 and np.std(values) == 0):  # counts: no "± 0"
-        return f"{np.mean(values):.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-
-
-def fmt_interval(iv: tuple[float, float] | None) -> str:
-    return "–" if iv is None else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
-
-
-def fmt_diff(d: float) -> str:
-    """'+0.012': a signed difference, with no '-0.000'."""
-    return f"{round(d, 3) + 0.0:+.3f}"
-
-
-def verdict(diff: tuple[float, float, float], first: str = "first", second: str = "second") -> str:
-    """How the report reads a paired difference first - second: real only when its interval excludes 0."""
-    if not metrics.excludes_zero(diff[1], diff[2]):
-        return "not distinguishable"
-    return f"{first if diff[0] > 0 else second} ahead"
-
-
-def count(n: int, one: str, many: str) -> str:
-    """'1 category', '3 categories'."""
-    return f"{n} {one if n == 1 else many}"
-
-
-def markdown(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in body])
-
-
-def classifier_ks(rows: list[dict], scenario: str, categories: list[str]) -> list[str]:
-    """The classifier's all-types tags (k1, k5, ...) present for every category, by increasing k."""
-    tags = None
-    for c in categories:
-        t = {r["tag"] for r in select(rows, category=c, method="classifier", scenario=scenario)}
-        tags = t if tags is None else tags & t
-    return sorted(tags or [], key=lambda t: float("inf") if t == "kall" else int(t[1:]))
-
-
-def in_scope(scored: list[Scored], categories: list[str], **where) -> list[Scored]:
-    return [s for s in select(scored, **where) if s.category in categories]
-
-
-def paired(scored: list[Scored], categories: list[str], name: str, **where) -> tuple[float, float, float] | None:
-    """The pooled paired difference `name` (see comparisons) over the matching sets of the categories."""
-    pairs = [(a, b) for n, a, b in comparisons(scored) if n == name and a.category in categories
-             and all(getattr(a, k) == v for k, v in where.items())]
-    return pooled_difference(pairs)
-
-
-def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dict[str, str]:
-    """The report's tables as markdown, keyed by title; `categories` of one category gives its own tables."""
-    out = {}
-
-    def auroc(**where) -> list[str]:  # mean ± std over seeds, and the pooled interval
-        return [fmt(per_seed(rows, categories, metric="image_auroc", **where)),
-                fmt_interval(pooled_interval(in_scope(scored, categories, **where)))]
-    # 1. All defect types seen: PatchCore vs the classifier and the fused detector at each k, every metric
-    tags = classifier_ks(rows, "all-types", categories)
-    specs = [("PatchCore", dict(method="patchcore"))] + [(f"{m} {t}", dict(method=m, tag=t)) for m in
-                                                          ("classifier", "fused") for t in tags]
-    body = []
-    for name, where in specs:
-        n = per_seed(rows, categories, scenario="all-types", metric="n_labelled", **where)
-        body.append([name, fmt(n, 0) if n else "0"] + auroc(scenario="all-types", **where) +
-                    [fmt(per_seed(rows, categories, scenario="all-types", metric=m, **where)) for m in TABLE_METRICS[1:]])
-    out["All defect types seen (k labelled images per type)"] = markdown(
-        ["method", "labelled defects", "image AUROC", "95 % interval", *TABLE_METRICS[1:]], body)
-    # 2. Seen vs unseen defect type, image AUROC on identical images (good + that type)
-    types = sorted({s.held_out for s in in_scope(scored, categories, scenario="unseen-type")})
-    body = []
-    for t in types + ["mean"]:
-        where = {} if t == "mean" else {"held_out": t}
-        body.append([t] + [fmt(per_seed(rows, categories, scenario=sc, method=m, metric="image_auroc", **where))
-                           for sc, m in (("seen-type", "classifier"), ("unseen-type", "classifier"),
-                                         ("unseen-type", "patchcore"), ("unseen-type", "fused"))])
-    if types:
-        out["Seen vs unseen defect type: image AUROC on good + that type"] = markdown(
-            ["defect type", "classifier, type seen", "classifier, type unseen", "PatchCore", "fused, type unseen"],
-            body)
-    # 3. Few-shot curve
-    body = [["0 (PatchCore)", "0", "–", "–", fmt(per_seed(rows, categories, scenario="few-shot", method="patchcore",
-                                                             metric="image_auroc"))]]
-    for tag in classifier_ks(rows, "few-shot", categories):
-        body.append([tag, fmt(per_seed(rows, categories, scenario="few-shot", method="classifier", tag=tag,
-                                       metric="n_labelled"), 0)] +
-                    [fmt(per_seed(rows, categories, scenario="few-shot", method=m, tag=tag, metric="image_auroc"))
-                     for m in ("classifier", "fused")] + ["–"])
-    out["Few-shot: image AUROC vs labelled defect images"] = markdown(
-        ["k per type", "labelled defects", "classifier", "fused", "PatchCore"], body)
-    # 4. Paired differences on identical images
-    body = []
-    for tag in tags:
-        for name in ("classifier - PatchCore", "fused - PatchCore", "fused - classifier"):
-            d = paired(scored, categories, name, scenario="all-types", tag=tag)
-            shown = name.replace("classifier", f"classifier {tag}").replace("fused", f"fused {tag}")
-            body += [[shown, "all types seen", fmt_diff(d[0]), fmt_interval(d[1:]),
-                      verdict(d, *shown.split(" - "))]] if d else []
-    for name in ("classifier - PatchCore", "fused - PatchCore", "classifier unseen - seen"):
-        d = paired(scored, categories, name, scenario="unseen-type")
-        first, second = ("type unseen", "type seen") if name.endswith("seen") else name.split(" - ")
-        body += [[name, "one type unseen (every type)", fmt_diff(d[0]), fmt_interval(d[1:]),
-                  verdict(d, first, second)]] if d else []
-    if body:
-        out["Paired differences in image AUROC (same images, 95 % paired bootstrap interval)"] = markdown(
-            ["first - second", "scenario", "difference", "95 % interval", "reading"], body)
-    # 5. Costs
-    body = []
-    for name, method in (("PatchCore", "patchcore"), ("classifier", "classifier")):
-        body.append([name] + [fmt(per_seed(rows, categories, scenario="all-types", method=method, metric=m),
-                                  0 if m == "n_labelled" else 1) for m in COST_METRICS])
-    out["Costs (all-types runs; training = PatchCore's fit; the fused detector runs both)"] = markdown(
-        ["method", "labelled defects", "training s", "ms / test image", "parameters (M)", "peak RSS (MB)"], body)
-    return out
-
-
-def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> str:
-    """A short paragraph generated from the numbers (never hand-written): who wins where, by how much, and whether
-    the paired 95 % interval of the difference excludes 0 ("not distinguishable" when it does not)."""
-    def mean(**where):
-        v = per_seed(rows, categories, metric="image_auroc", **where)
-        return (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) if v else None
-
-    def say(m):
-        return f"{m[0]:.3f}" + (f" ± {m[1]:.3f}" if m[2] > 1 else "")
-
-    def compare(name: str, first: str, second: str, **where) -> str:
-        d = paired(scored, categories, name, **where)
-        if d is None:
-            return ""
-        read = verdict(d, first, second).replace(" ahead", " is ahead")
-        return f"{fmt_diff(d[0])}, 95 % interval {fmt_interval(d[1:])}: {read}"
-
-    n_seeds = len({r["seed"] for r in rows})
-    scope = f"mean over {count(len(categories), 'category', 'categories')} and {count(n_seeds, 'seed', 'seeds')}"
-    out = []
-    pc = mean(scenario="all-types", method="patchcore")
-    tags = classifier_ks(rows, "all-types", categories)
-    if pc and tags:
-        best = tags[-1]
-        cl = mean(scenario="all-types", method="classifier", tag=best)
-        n = per_seed(rows, categories, scenario="all-types", method="classifier", tag=best, metric="n_labelled")
-        out.append(f"With every defect type seen ({best}, {np.mean(n):.0f} labelled defect images), the classifier "
-                   f"reaches image AUROC {say(cl)} against PatchCore's {say(pc)} with no labelled defect ({scope}); "
-                   f"classifier - PatchCore on the same images: "
-                   f"{compare('classifier - PatchCore', 'the classifier', 'PatchCore', scenario='all-types', tag=best)}.")
-        fused = mean(scenario="all-types", method="fused", tag=best)
-        if fused:
-            out.append(f"The fused detector scores {say(fused)}: against PatchCore "
-                       f"{compare('fused - PatchCore', 'the fused detector', 'PatchCore', scenario='all-types', tag=best)}; "
-                       f"against the classifier "
-                       f"{compare('fused - classifier', 'the fused detector', 'the classifier', scenario='all-types', tag=best)}.")
-    if pc and tags:
-        pc_pixel, cl_pixel = (per_seed(rows, categories, scenario="all-types", metric="pixel_auroc", **where)
-                              for where in ({"method": "patchcore"}, {"method": "classifier", "tag": tags[-1]}))
-        out.append(f"Where the defect is (pixel AUROC): PatchCore {fmt(pc_pixel)}, the classifier's Grad-CAM "
-                   f"({tags[-1]}) {fmt(cl_pixel)}" + (", below chance: its maps point away from the defects."
-                                                      if cl_pixel and np.mean(cl_pixel) < 0.5 else "."))
-    seen, unseen = mean(scenario="seen-type", method="classifier"), mean(scenario="unseen-type", method="classifier")
-    pc_unseen = mean(scenario="unseen-type", method="patchcore")
-    if seen and unseen and pc_unseen:
-        out.append(f"On a defect type it never saw, the classifier scores {say(unseen)}, against {say(seen)} on the "
-                   f"same images when that type was in its training set "
-                   f"({compare('classifier unseen - seen', 'the classifier without it', 'the classifier with it', scenario='unseen-type')}); "
-                   f"PatchCore scores {say(pc_unseen)} on those images (classifier - PatchCore "
-                   f"{compare('classifier - PatchCore', 'the classifier', 'PatchCore', scenario='unseen-type')}).")
-        fused_unseen = mean(scenario="unseen-type", method="fused")
-        if fused_unseen:
-            out.append(f"Fused, on the unseen types: {say(fused_unseen)} (fused - PatchCore "
-                       f"{compare('fused - PatchCore', 'the fused detector', 'PatchCore', scenario='unseen-type')}).")
-        worst = min((r for r in rows if r["scenario"] == "unseen-type" and r["method"] == "classifier"
-                     and r["metric"] == "image_auroc" and r["category"] in categories), key=lambda r: r["value"])
-        out.append(f"The classifier's worst unseen type is {worst['category']}/{worst['held_out']} "
-                   f"(seed {worst['seed']}): image AUROC {worst['value']:.3f}.")
-    curve = classifier_ks(rows, "few-shot", categories)
-    if pc and curve:
-        reads = {}
-        for t in curve:
-            d = paired(scored, categories, "classifier - PatchCore", scenario="all-types", tag=t)
-            if d:
-                read = verdict(d, "above", "below").replace(" ahead", " PatchCore")
-                reads.setdefault(read.replace("not distinguishable", "not distinguishable from PatchCore"),
-                                 []).append(t)
-        out.append("On the few-shot curve the classifier is " + "; ".join(
-            f"{read} at {', '.join(ts)}" for read, ts in reads.items()) + " (paired 95 % intervals).")
-    return " ".join(out) or "Not enough finished runs for findings."
-
-
-def plot_all(rows: list[dict], categories: list[str], out: Path) -> list[str]:
-    """fewshot.png and seen_unseen.png in `out`; returns the file names written."""
+def plot_heatmaps(study_dir: Path, shown: list[tuple[str, int, str, str]], device: str) -> list[str]:
+    """heatmaps.png: one evaluation image per defect type of each shown run, with both methods' maps (each method's
+    maps scaled to [0, 1] over the images shown). Needs the saved models (memory bank, model.pt)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    written = []
-    # Image AUROC vs number of labelled defects, per category: the classifier and the fused detector
-    fig, axes = plt.subplots(1, len(categories), figsize=(4 * len(categories), 3.4), squeeze=False)
-    for ax, c in zip(axes[0], categories):
-        for method, marker in (("classifier", "o"), ("fused", "^")):
-            xs, ys, es = [], [], []
-            for tag in classifier_ks(rows, "few-shot", [c]):
-                v = per_seed(rows, [c], scenario="few-shot", method=method, tag=tag, metric="image_auroc")
-                if v:
-                    n = per_seed(rows, [c], scenario="few-shot", method="classifier", tag=tag, metric="n_labelled")
-                    xs.append(np.mean(n)), ys.append(np.mean(v)), es.append(np.std(v))
-            if xs:
-                ax.errorbar(xs, ys, es, marker=marker, capsize=3, label=method)
-        pc = per_seed(rows, [c], scenario="few-shot", method="patchcore", metric="image_auroc")
-        if pc:
-            ax.axhline(np.mean(pc), color="C2", ls="--")
-            ax.errorbar([0], [np.mean(pc)], [np.std(pc)], marker="s", color="C2", capsize=3, label="PatchCore (0 labels)")
-        ax.set(title=c, xlabel="labelled defect images", ylabel="image AUROC")
-        ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(out / "fewshot.png", dpi=90), plt.close(fig)
-    written.append("fewshot.png")
-    # Seen vs unseen bars per method, per category (mean over defect types)
-    groups = [("classifier, seen", "seen-type", "classifier"), ("classifier, unseen", "unseen-type", "classifier"),
-              ("PatchCore", "unseen-type", "patchcore"), ("fused, unseen", "unseen-type", "fused")]
-    if select(rows, scenario="unseen-type"):
-        fig, ax = plt.subplots(figsize=(2.4 + 2 * len(categories), 3.4))
-        width = 0.8 / len(groups)
-        for g, (label, sc, m) in enumerate(groups):
-            vals = [per_seed(rows, [c], scenario=sc, method=m, metric="image_auroc") for c in categories]
-            ax.bar(np.arange(len(categories)) + (g - (len(groups) - 1) / 2) * width,
-                   [np.mean(v) if v else 0 for v in vals], width, yerr=[np.std(v) if v else 0 for v in vals],
-                   capsize=3, label=label)
-        ax.set_xticks(np.arange(len(categories)), categories)
-        ax.set(ylabel="image AUROC (good + one type)", ylim=(0, 1.05), title="seen vs unseen defect types")
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout(), fig.savefig(out / "seen_unseen.png", dpi=90), plt.close(fig)
-        written.append("seen_unseen.png")
-    return written
-
-
-def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], scored: list[Scored], categories: list[str], out: Path,
-                           device: str) -> list[str]:
-    """roc.png (first seed, all-types, largest k: the three methods) and heatmaps.png (one evaluation image per
-    defect type, both methods' maps; each method's maps scaled to [0, 1] over the images shown). Needs the saved
-    models for the heatmaps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-    written, pairs = [], []
-    for c in categories:
-        tags = classifier_ks(rows, "all-types", [c])
-        seeds = sorted({r["seed"] for r in select(rows, category=c)})
-        if tags and seeds:
-            pairs.append((c, seeds[0], tags[-1]))
-    if not pairs:
-        return written
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.4), squeeze=False)
-    for ax, (c, seed, tag) in zip(axes[0], pairs):
-        for name, where in (("PatchCore", dict(method="patchcore")), (f"classifier {tag}", dict(method="classifier", tag=tag)),
-                            (f"fused {tag}", dict(method="fused", tag=tag))):
-            for s in select(scored, category=c, seed=seed, scenario="all-types", **where):
-                fpr, tpr, _ = roc_curve(s.labels, s.scores)
-                ax.plot(fpr, tpr, label=f"{name} ({metrics.image_auroc(s.labels, s.scores):.3f})")
-        ax.plot([0, 1], [0, 1], color="gray", lw=0.5)
-        ax.set(title=f"{c}, seed {seed}", xlabel="false positive rate", ylabel="true positive rate")
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout(), fig.savefig(out / "roc.png", dpi=90), plt.close(fig)
-    written.append("roc.png")
-
     dev = backbones.pick_device(device)
     panels = []
-    for c, seed, tag in pairs:
-        pc_dir, cl_dir = study_dir / c / f"seed{seed}" / "patchcore" / "all", study_dir / c / f"seed{seed}" / "classify" / tag
+    for c, seed, scenario, tag in shown:
+        base = study_dir / c / f"seed{seed}"
+        pc_dir = base / "patchcore" / ("open-set" if scenario in data.OPEN_SET_SCENARIOS else "all")
+        cl_dir = base / "classify" / tag
         if not (pc_dir / "memory_bank").is_dir() or not (cl_dir / "model.pt").is_file():
             print(f"heatmaps: no saved models for {c}, skipped")
             continue
         info = json.loads((pc_dir / "study.json").read_text())
         _, test = data.load_category(info["data_root"], c)
-        paths, _, types, _ = data.read_scores(pc_dir / "scores.csv")
+        paths, _, types, _ = data.read_scores(cl_dir / "scores.csv")  # the classifier run's evaluation images
         first = {}
         for p, t in zip(paths, types):
             first.setdefault(t, p)
@@ -719,55 +247,21 @@ def plot_rocs_and_heatmaps(study_dir: Path, rows: list[dict], scored: list[Score
         _, cl_maps = classify.score(model, cam_layer, samples, ckpt.backbone, ckpt.image_size, dev)
         for i, s in enumerate(samples):
             panels.append((c, s, pc_maps[i] / max(pc_maps.max(), 1e-12), cl_maps[i] / max(cl_maps.max(), 1e-12)))
-    if panels:
-        fig, axes = plt.subplots(len(panels), 4, figsize=(8, 2.1 * len(panels)), squeeze=False)
-        for row, (c, s, pc_map, cl_map) in zip(axes, panels):
-            original = data.read_image(s.path)
-            image = original.resize(pc_map.shape[::-1])
-            mask = data.mask_to_tensor(data.read_mask(s, original.size), pc_map.shape[0])[0].numpy()  # (S, S)
-            row[0].imshow(image), row[1].imshow(mask, cmap="gray")
-            row[2].imshow(image), row[2].imshow(pc_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            row[3].imshow(image.resize(cl_map.shape[::-1])), row[3].imshow(cl_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            row[0].set_ylabel(f"{c}\n{s.defect_type}", fontsize=8)
-            for ax, title in zip(row, ("image", "ground truth", "PatchCore", "classifier Grad-CAM")):
-                ax.set_xticks([]), ax.set_yticks([]), ax.set_title(title, fontsize=8)
-        fig.tight_layout(), fig.savefig(out / "heatmaps.png", dpi=80), plt.close(fig)
-        written.append("heatmaps.png")
-    return written
-
-
-def report(study_dir: Path, device: str = "cpu") -> str:
-    """results.csv, differences.csv, report.md and the plots of a study folder, from its saved runs; returns the
-    report text."""
-    scored = collect(study_dir)
-    rows = result_rows(scored)
-    categories = sorted({s.category for s in scored})
-    write_csv(rows, ["category", "scenario", "method", "seed", "tag", "held_out", "n_labelled", "metric", "value"],
-              study_dir / "results.csv")
-    write_csv(difference_rows(scored), ["category", "scenario", "seed", "tag", "held_out", "comparison",
-                                        "difference", "low", "high", "real"], study_dir / "differences.csv")
-    plots = plot_all(rows, categories, study_dir) + plot_rocs_and_heatmaps(study_dir, rows, scored, categories,
-                                                                          study_dir, device)
-    parts = ["# Classifier vs PatchCore: study report", "",
-             f"Study folder `{study_dir}`; {count(len(categories), 'category', 'categories')}, "
-             f"seeds {sorted({s.seed for s in scored})}. "
-             "Every number is mean ± std over seeds; intervals are 95 % stratified bootstrap intervals over the "
-             f"evaluation images ({metrics.BOOTSTRAP_RESAMPLES} resamples, pooled over seeds and categories), "
-             "paired when two methods are compared on the same images. The fused detector is the larger of the "
-             "two methods' scores, each in standard deviations of its held-out normal scores. Generated by "
-             "evaluate.py from the runs' scores.csv (image metrics) and metrics.json (pixel metrics, costs).", "",
-             "## Findings", "", findings(rows, scored, categories), ""]
-    scopes = ([("Mean over categories", categories)] if len(categories) > 1 else []) + [(c, [c]) for c in categories]
-    for scope, cats in scopes:
-        parts += [f"## {scope}", ""]
-        for title, table in tables(rows, scored, cats).items():
-            parts += [f"### {title}", "", table, ""]
-    parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    text = "\n".join(parts)
-    tmp = study_dir / "report.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, study_dir / "report.md")
-    return text
+    if not panels:
+        return []
+    fig, axes = plt.subplots(len(panels), 4, figsize=(8, 2.1 * len(panels)), squeeze=False)
+    for row, (c, s, pc_map, cl_map) in zip(axes, panels):
+        original = data.read_image(s.path)
+        image = original.resize(pc_map.shape[::-1])
+        mask = data.mask_to_tensor(data.read_mask(s, original.size), pc_map.shape[0])[0].numpy()  # (S, S)
+        row[0].imshow(image), row[1].imshow(mask, cmap="gray")
+        row[2].imshow(image), row[2].imshow(pc_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        row[3].imshow(image.resize(cl_map.shape[::-1])), row[3].imshow(cl_map, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        row[0].set_ylabel(f"{c}\n{s.defect_type}", fontsize=8)
+        for ax, title in zip(row, ("image", "ground truth", "PatchCore", "classifier Grad-CAM")):
+            ax.set_xticks([]), ax.set_yticks([]), ax.set_title(title, fontsize=8)
+    fig.tight_layout(), fig.savefig(study_dir / "heatmaps.png", dpi=80), plt.close(fig)
+    return ["heatmaps.png"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -786,12 +280,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hard-m", default="10", help="hard (DRA): labelled anomalies of the one known defect type")
     p.add_argument("--classifier-backbone", choices=backbones.BACKBONES, default="efficientnet_b1")
     p.add_argument("--patchcore-backbone", choices=backbones.BACKBONES, default="wide_resnet50_2")
-    p.add_argument("--weights", default="imagenet", help="imagenet or none (random init, for tests)")
+    p.add_argument("--weights", default="imagenet",
+                   help="both backbones: imagenet or none (random init, for tests); see the two flags below")
+    p.add_argument("--classifier-weights", default=None,
+                   help="the classifier's trunk: imagenet, none or a state-dict file (offline hosts); default --weights")
+    p.add_argument("--patchcore-weights", default=None,
+                   help="PatchCore's backbone: imagenet, none or a state-dict file; default --weights")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=30, help="classifier training epochs")
     p.add_argument("--batch-size", type=int, default=8, help="both methods (classifier training and scoring)")
     p.add_argument("--coreset-ratio", type=float, default=0.1)
+    p.add_argument("--search", choices=patchcore.SEARCHES, default="exact", help="PatchCore's nearest-neighbour search")
+    p.add_argument("--nprobe", type=int, default=None, help=f"IVF lists searched (--search ivf; default {patchcore.NPROBE})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=backbones.PRECISIONS, default="mixed",
+                   help="mixed: autocast/TF32 on a GPU; float32: none, for a strict comparison with the CPU")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers of both methods (default: theirs)")
+    p.add_argument("--shard", default=None, help="K/N: run only the K-th of N disjoint parts of the planned runs "
+                   "(one per GPU or cluster task, into one shared --out-dir); then report with --runs")
     p.add_argument("--out-dir", default=None, help="default: runs/study (runs/demo with --demo)")
     args = p.parse_args(argv)
     if args.demo:
@@ -820,7 +326,11 @@ def run(args: argparse.Namespace) -> str:
         if unknown:
             raise data.DataError(f"unknown scenario(s) {', '.join(sorted(unknown))} (expected {', '.join(STUDY_SCENARIOS)})")
         run_study(args)
-    text = report(study_dir, args.device)
+        if args.shard is not None and parse_shard(args.shard)[1] > 1:
+            print(f"shard {args.shard} done; when every shard is, build the report with: python evaluate.py --runs "
+                  f"{study_dir}")
+            return ""
+    text = report.write(study_dir, lambda shown: plot_heatmaps(study_dir, shown, args.device))
     print("\n" + text.split("## Plots")[0])
     print(f"wrote {study_dir / 'results.csv'} and {study_dir / 'report.md'}")
     return text

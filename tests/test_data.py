@@ -658,3 +658,67 @@ def test_center_crop_larger_than_the_image_is_refused(loaded):
     train, _ = loaded["weave"]
     with pytest.raises(data.DataError, match="center crop 80 px is larger than the resized image"):
         data.MVTecDataset(train, 64, (0, 0, 0), (1, 1, 1), center_crop=80)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DRA's open-set protocol (general, hard)
+# ----------------------------------------------------------------------------------------------------------------
+def test_general_evaluates_the_test_set_minus_exactly_the_m_labelled(loaded):
+    train, test = loaded["weave"]
+    every = {s.rel for s in test}
+    for m in (1, 3):
+        split = data.open_set_split(train, test, "weave", 0, "general", m)
+        assert len(split["train_defects"]) == m and split["k"] == m
+        assert all(not r.startswith("test/good/") for r in split["train_defects"])
+        assert set(split["eval"]) == every - set(split["train_defects"])  # every other test image, good included
+        assert len(split["eval"]) == len(every) - m
+    one, three = (data.open_set_split(train, test, "weave", 0, "general", m)["train_defects"] for m in (1, 3))
+    assert one == three[:1]  # a smaller M takes the first images of a larger M's draw
+
+
+def test_hard_evaluates_good_plus_exactly_the_other_types(loaded):
+    train, test = loaded["weave"]
+    for known in ("hole", "scratch"):
+        split = data.open_set_split(train, test, "weave", 0, "hard", 2, known=known)
+        assert split["known"] == known and len(split["train_defects"]) == 2
+        assert all(r.startswith(f"test/{known}/") for r in split["train_defects"])
+        expected = {s.rel for s in test if s.defect_type != known}  # good + every image of the other types
+        assert set(split["eval"]) == expected
+    # fewer if the type has fewer: weave has 4 images per type at this size
+    assert len(data.open_set_split(train, test, "weave", 0, "hard", 10, known="hole")["train_defects"]) == 4
+
+
+def test_open_set_draws_are_seeded_and_normals_come_from_train_good(loaded):
+    train, test = loaded["weave"]
+    a, b = (data.open_set_split(train, test, "weave", 0, "general", 3) for _ in range(2))
+    assert a == b
+    draws = {tuple(data.open_set_split(train, test, "weave", seed, "general", 3)["train_defects"]) for seed in range(5)}
+    assert len(draws) > 1  # the draw changes with the seed
+    hard = {tuple(data.open_set_split(train, test, "weave", seed, "hard", 2, known="hole")["train_defects"])
+            for seed in range(5)}
+    assert len(hard) > 1
+    held = a["heldout_good"]
+    assert held and all(r.startswith("train/good/") for r in held) and not set(held) & set(a["eval"])
+    assert len(held) == max(2, round(len(train) * data.HELDOUT_TRAIN_FRACTION))
+    # the same normals for every run of a seed (general, hard, PatchCore), so the fused detector calibrates on them
+    assert data.open_set_split(train, test, "weave", 0, "hard", 2, known="stain")["heldout_good"] == held
+    assert data.open_set_patchcore_split(train, test, "weave", 0)["heldout_good"] == held
+    labelled, heldout, evaluated = data.apply_split(test, a, train)
+    assert [s.rel for s in heldout] == held and all(s.label == 0 for s in heldout)
+    assert not {s.rel for s in data.without_heldout(train, heldout)} & set(held)
+
+
+def test_open_set_bad_input_is_one_sentence(loaded):
+    train, test = loaded["weave"]
+    n_defects = sum(s.label for s in test)
+    with pytest.raises(data.DataError, match=rf"--general-m {n_defects + 1} is larger than the {n_defects} defect "
+                                             rf"images of weave; choose M <= {n_defects}"):
+        data.open_set_split(train, test, "weave", 0, "general", n_defects + 1)
+    for bad in (0, -1, 1.5, "3"):
+        with pytest.raises(data.DataError, match="must be a positive whole number"):
+            data.open_set_split(train, test, "weave", 0, "general", bad)
+    with pytest.raises(data.DataError, match="known type 'crack' is not a defect type of weave"):
+        data.open_set_split(train, test, "weave", 0, "hard", 1, known="crack")
+    one_type = [s for s in test if s.defect_type in ("good", "hole")]
+    with pytest.raises(data.DataError, match="has 1 defect type; the hard scenario .* needs at least 2"):
+        data.open_set_split(train, one_type, "weave", 0, "hard", 1, known="hole")

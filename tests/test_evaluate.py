@@ -9,6 +9,7 @@ import pytest
 import data
 import evaluate
 import patchcore
+import report
 
 
 def study_args(**over):
@@ -120,21 +121,21 @@ def test_runs_mode_rebuilds_known_tables(tmp_path):
 
 def test_fused_threshold_is_set_on_normal_images_only(tmp_path):
     fake_study(tmp_path)
-    scored = evaluate.collect(tmp_path)
+    scored = report.collect(tmp_path)
     pc = next(s for s in scored if s.method == "patchcore" and s.scenario == "all-types")
     cl = next(s for s in scored if s.method == "classifier" and s.scenario == "all-types")
     pc_normals, cl_normals = dict(zip(HELDOUT[:2], [1.0, 1.2])), dict(zip(HELDOUT, [0.01, 0.02, 0.015]))
-    fused = evaluate.fuse(pc, pc_normals, cl, cl_normals)
+    fused = report.fuse(pc, pc_normals, cl, cl_normals)
     changed = cl.on(cl.paths)
     changed.scores = changed.scores.copy()
     changed.scores[changed.labels == 1] = [0.5, 0.99, 0.001, 0.3]  # every test anomaly scores differently
-    again = evaluate.fuse(pc, pc_normals, changed, cl_normals)
+    again = report.fuse(pc, pc_normals, changed, cl_normals)
     assert again.threshold == fused.threshold and not np.array_equal(again.scores, fused.scores)
     # ... while a held-out normal image does move it
-    moved = evaluate.fuse(pc, pc_normals, cl, {**cl_normals, HELDOUT[1]: 0.05})
+    moved = report.fuse(pc, pc_normals, cl, {**cl_normals, HELDOUT[1]: 0.05})
     assert moved.threshold != fused.threshold
     # Calibration: held-out normal scores become mean 0, standard deviation 1
-    z = evaluate.calibrated("patchcore", np.array([1.0, 1.2]), np.array([1.0, 1.2]))
+    z = report.calibrated("patchcore", np.array([1.0, 1.2]), np.array([1.0, 1.2]))
     assert z.mean() == pytest.approx(0) and z.std(ddof=1) == pytest.approx(1)
 
 
@@ -171,6 +172,7 @@ def test_tiny_study_end_to_end(synth_root, tmp_path):
         cl = data.read_scores(run / "scores.csv")[0]
         assert all(f"/test/{held_out}/" in p or "/test/good/" in p for p in cl)
         again = patchcore.main(["--data-root", str(root), "--category", "weave", "--load", str(base / "patchcore" / "all"),
+                                "--device", "cpu",  # the study ran on the CPU: the same kernels, rtol 1e-5 below
                                 "--split", str(base / "splits" / f"unseen-{held_out}-k1.json"),
                                 "--out-dir", str(tmp_path / f"again-{held_out}")])
         paths, _, _, scores = data.read_scores(tmp_path / f"again-{held_out}" / "scores.csv")
@@ -191,3 +193,93 @@ def test_tiny_study_end_to_end(synth_root, tmp_path):
     assert evaluate.main(argv) == text
     assert (base / "classify" / "k1" / "metrics.json").stat().st_mtime == mtime
     assert np.isfinite([float(r["value"]) for r in rows]).all()
+
+
+def two_type_copy(synth_root, dest):
+    """The synthetic weave category with two defect types (hole, stain): fewer runs, the same protocol."""
+    shutil.copytree(synth_root / "weave", dest / "weave")
+    for t in ("missing", "scratch"):
+        shutil.rmtree(dest / "weave" / "test" / t), shutil.rmtree(dest / "weave" / "ground_truth" / t)
+    return dest
+
+
+def open_set_argv(root, out, *extra):
+    return ["--data-root", str(root), "--categories", "weave", "--seeds", "0", "--scenarios", "general,hard",
+            "--general-m", "2", "--hard-m", "1", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
+            "--classifier-backbone", "efficientnet_lite0", "--patchcore-backbone", "efficientnet_lite0",
+            "--weights", "none", "--device", "cpu", "--out-dir", str(out), *extra]
+
+
+def test_open_set_study_scores_the_same_images_and_never_evaluates_its_normals(synth_root, tmp_path):
+    root = two_type_copy(synth_root, tmp_path / "data")
+    out = tmp_path / "study"
+    text = evaluate.main(open_set_argv(root, out))
+    base = out / "weave" / "seed0"
+    assert sorted(p.name for p in (base / "classify").iterdir()) == ["general-2", "hard-hole", "hard-stain"]
+    assert [p.name for p in (base / "patchcore").iterdir()] == ["open-set"]  # one PatchCore run serves them all
+    scored = report.collect(out)
+    for cl in (s for s in scored if s.method == "classifier"):
+        for method in ("patchcore", "fused"):  # both on exactly the classifier's evaluation images
+            other = [s for s in scored if s.method == method and s.scenario == cl.scenario and s.tag == cl.tag]
+            assert len(other) == 1 and list(other[0].paths) == list(cl.paths)
+    train, test = data.load_category(root, "weave")
+    pc_normals = data.read_scores(base / "patchcore" / "open-set" / "heldout_scores.csv")[0]
+    assert pc_normals and all("/train/good/" in p for p in pc_normals)
+    pc_metrics = json.loads((base / "patchcore" / "open-set" / "metrics.json").read_text())
+    assert pc_metrics["n_train_images"] == len(train) - len(pc_normals)  # its normals are not in the memory bank
+    for tag in ("general-2", "hard-hole", "hard-stain"):
+        evaluated = set(data.read_scores(base / "classify" / tag / "scores.csv")[0])
+        normals = set(data.read_scores(base / "classify" / tag / "heldout_scores.csv")[0])
+        assert not normals & evaluated and not set(pc_normals) & evaluated  # thresholds and calibration
+        assert set(pc_normals) <= normals  # the fused detector's common normals
+        images = json.loads((base / "classify" / tag / "images.json").read_text())
+        assert not set(images["train"]) & {p.split("/weave/")[1] for p in pc_normals}
+        assert not set(images["train"]) & set(images["eval"])
+    split = json.loads((base / "splits" / "hard-hole.json").read_text())
+    assert {p.split("/")[1] for p in split["eval"]} == {"good", "stain"} and split["known"] == "hole"
+    for title in ("Open-set, general (DRA)", "Open-set, hard (DRA)", "Open-set paired differences", "Costs"):
+        assert title in text
+    assert "| PatchCore, whole test set | 0 |" in text and "| classifier general-2 | 2 |" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--general-m", "0"], "--general-m takes positive whole numbers"),
+    (["--general-m", "1,x"], "--general-m takes positive whole numbers"),
+    (["--general-m", "99"], "--general-m 99 is larger than the 8 defect images of weave; choose M <= 8"),
+    (["--hard-m", "two"], "--hard-m takes positive whole numbers"),
+    (["--shard", "3/2"], "--shard takes K/N with 1 <= K <= N"),
+])
+def test_open_set_bad_values_end_in_one_sentence_and_write_nothing(synth_root, tmp_path, flags, message):
+    root = two_type_copy(synth_root, tmp_path / "data")
+    with pytest.raises(SystemExit, match=message):
+        evaluate.main(open_set_argv(root, tmp_path / "study", *flags))
+    assert not (tmp_path / "study").exists()
+
+
+def test_hard_on_a_category_with_one_defect_type_writes_nothing(synth_root, tmp_path):
+    root = two_type_copy(synth_root, tmp_path / "data")
+    shutil.rmtree(root / "weave" / "test" / "stain"), shutil.rmtree(root / "weave" / "ground_truth" / "stain")
+    with pytest.raises(SystemExit, match="has 1 defect type; the hard scenario evaluates on the other types"):
+        evaluate.main(open_set_argv(root, tmp_path / "study"))
+    assert not (tmp_path / "study").exists()
+
+
+def test_two_shards_do_exactly_the_runs_of_one_process(synth_root, tmp_path):
+    root = two_type_copy(synth_root, tmp_path / "data")
+    argv = open_set_argv(root, tmp_path / "shared", "--scenarios", "all-types,general", "--k-values", "1")
+    assert evaluate.main(argv + ["--shard", "1/2"]) == ""  # a shard reports nothing: the others may still run
+    first = {p.parent for p in (tmp_path / "shared").rglob("study.json")}
+    evaluate.main(argv + ["--shard", "2/2"])
+    both = {p.parent for p in (tmp_path / "shared").rglob("study.json")}
+    evaluate.main(open_set_argv(root, tmp_path / "single", "--scenarios", "all-types,general", "--k-values", "1"))
+    single = {p.parent for p in (tmp_path / "single").rglob("study.json")}
+    rel = lambda runs, top: sorted(str(p.relative_to(top)) for p in runs)  # noqa: E731
+    assert rel(both, tmp_path / "shared") == rel(single, tmp_path / "single")  # the same runs ...
+    assert 0 < len(first) < len(both)  # ... shared between the two, never both (run_study skips none here)
+    for run in both:
+        a = data.read_scores(run / "scores.csv")
+        b = data.read_scores(tmp_path / "single" / run.relative_to(tmp_path / "shared") / "scores.csv")
+        assert a[0] == b[0]
+        np.testing.assert_allclose(a[3], b[3], rtol=1e-5)  # ... with the same results
+    text = evaluate.main(["--runs", str(tmp_path / "shared"), "--device", "cpu"])
+    assert "| classifier general-2 |" in text
