@@ -348,8 +348,9 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
         n = per_seed(rows, categories, scenario="all-types", metric="n_labelled", **where)
         body.append([name, fmt(n, 0) if n else "0"] + auroc(scenario="all-types", **where) +
                     [fmt(per_seed(rows, categories, scenario="all-types", metric=m, **where)) for m in TABLE_METRICS[1:]])
-    out["All defect types seen (k labelled images per type)"] = markdown(
-        ["method", "labelled defects", "image AUROC", "95 % interval", *TABLE_METRICS[1:]], body)
+    if in_scope(scored, categories, scenario="all-types"):  # pool protocol (an open-set study has none)
+        out["All defect types seen (k labelled images per type)"] = markdown(
+            ["method", "labelled defects", "image AUROC", "95 % interval", *TABLE_METRICS[1:]], body)
     # 2. Seen vs unseen defect type, image AUROC on identical images (good + that type)
     types = sorted({s.held_out for s in in_scope(scored, categories, scenario="unseen-type")})
     body = []
@@ -370,8 +371,9 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
                                        metric="n_labelled"), 0)] +
                     [fmt(per_seed(rows, categories, scenario="few-shot", method=m, tag=tag, metric="image_auroc"))
                      for m in ("classifier", "fused")] + ["–"])
-    out["Few-shot: image AUROC vs labelled defect images"] = markdown(
-        ["k per type", "labelled defects", "classifier", "fused", "PatchCore"], body)
+    if in_scope(scored, categories, scenario="few-shot"):
+        out["Few-shot: image AUROC vs labelled defect images"] = markdown(
+            ["k per type", "labelled defects", "classifier", "fused", "PatchCore"], body)
     # 4. Paired differences on identical images
     body = []
     for tag in tags:
