@@ -5,6 +5,7 @@ Every script reads images through this file, so bad input fails here with one se
     python data.py synth --out /tmp/s --size 128 --seed 0          # synthetic MVTec-layout tree (weave, washer)
     python data.py check --data-root /tmp/s --category weave        # counts per folder, or the error
     python data.py split --data-root /tmp/s --category weave --scenario all-types --k 5 --out /tmp/split.json
+    python data.py split --data-root /tmp/s --category weave --scenario hard --k 10 --held-out hole --out /tmp/h.json
 """
 from __future__ import annotations
 
@@ -680,9 +681,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         c.add_argument("--data-root", required=True)
         c.add_argument("--category", required=True)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--scenario", choices=SCENARIOS, default="all-types")
-    c.add_argument("--k", type=int, default=None, help="defect images per type for the classifier (default: pool)")
-    c.add_argument("--held-out", default=None, help="defect type left out (unseen-type)")
+    c.add_argument("--scenario", choices=SCENARIOS + OPEN_SET_SCENARIOS, default="all-types")
+    c.add_argument("--k", type=int, default=None, help="defect images per type for the classifier (default: pool); "
+                   "general/hard: M, the labelled anomalies")
+    c.add_argument("--held-out", default=None, help="defect type left out (unseen-type); hard: the one known type")
     c.add_argument("--out", required=True)
     return p.parse_args(argv)
 
@@ -702,7 +704,11 @@ def main(argv=None) -> None:
                 group = sorted((s for s in test if s.defect_type == t), key=lambda s: s.rel)  # independent of input order
                 print(f"{'test/' + t:<16}{len(group):>8}{sum(s.mask_path is not None for s in group):>8}")
         else:
-            split = make_split(test, args.category, args.seed, args.scenario, args.k, args.held_out)
+            if args.scenario in OPEN_SET_SCENARIOS and args.k is None:
+                raise DataError(f"--scenario {args.scenario} needs --k M, the number of labelled anomalies (e.g. 10)")
+            split = open_set_split(train, test, args.category, args.seed, args.scenario, args.k, args.held_out) \
+                if args.scenario in OPEN_SET_SCENARIOS else \
+                make_split(test, args.category, args.seed, args.scenario, args.k, args.held_out)
             write_split(split, args.out)
             print(f"wrote {args.out}: {len(split['train_defects'])} training defects, {len(split['eval'])} eval images")
     except DataError as e:
