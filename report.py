@@ -255,18 +255,31 @@ def resamples(s: Scored) -> np.ndarray:
     return metrics.auroc_resamples(s.labels, s.scores, counts)
 
 
+def category_mean(values: list[np.ndarray], categories: list[str]) -> np.ndarray:
+    """The mean over categories of each category's mean: every category weighs the same, as in the tables' mean
+    rows (a category with 7 defect types or 3 seeds does not outweigh one with 4 types or 1 seed)."""
+    by_category = {}
+    for v, c in zip(values, categories):
+        by_category.setdefault(c, []).append(v)
+    return np.mean([np.mean(vs, axis=0) for vs in by_category.values()], axis=0)
+
+
 def pooled_interval(sets: list[Scored]) -> tuple[float, float] | None:
-    """95 % bootstrap interval of the mean image AUROC of several runs (None for no run)."""
-    return metrics.interval(np.mean([resamples(s) for s in sets], axis=0)) if sets else None
+    """95 % bootstrap interval of the mean image AUROC of several runs, categories weighted equally (None for none)."""
+    if not sets:
+        return None
+    return metrics.interval(category_mean([resamples(s) for s in sets], [s.category for s in sets]))
 
 
 def pooled_difference(pairs: list[tuple[Scored, Scored]]) -> tuple[float, float, float] | None:
-    """(mean AUROC(a) - AUROC(b), its 95 % paired bootstrap interval) over pairs on identical images."""
+    """(mean AUROC(a) - AUROC(b), its 95 % paired bootstrap interval) over pairs on identical images, categories
+    weighted equally."""
     if not pairs:
         return None
-    diff = np.mean([resamples(a) - resamples(b) for a, b in pairs], axis=0)  # (R,) same resamples for a and b
-    point = np.mean([metrics.image_auroc(a.labels, a.scores) - metrics.image_auroc(b.labels, b.scores)
-                     for a, b in pairs])
+    cats = [a.category for a, _ in pairs]
+    diff = category_mean([resamples(a) - resamples(b) for a, b in pairs], cats)  # (R,) same resamples for a and b
+    point = category_mean([metrics.image_auroc(a.labels, a.scores) - metrics.image_auroc(b.labels, b.scores)
+                           for a, b in pairs], cats)
     return float(point), *metrics.interval(diff)
 
 
@@ -408,16 +421,19 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
         out["Open-set, general (DRA): M labelled anomalies drawn from all types, evaluated on every other test image"] = \
             markdown(["method", "labelled defects", "image AUROC", "95 % interval", *TABLE_METRICS[1:]], body)
     # hard: M anomalies of one known type, evaluated on good + every other type (all unseen)
-    types = sorted({s.held_out for s in in_scope(scored, categories, scenario="hard")})
+    # the known types every category in scope has (over several categories: only the mean row, types differ)
+    types = sorted(set.intersection(*[{s.held_out for s in in_scope(scored, [c], scenario="hard")}
+                                      for c in categories]))
     body = []
-    for t in types + (["mean"] if types else []):
+    has_hard = bool(in_scope(scored, categories, scenario="hard"))
+    for t in types + (["mean"] if has_hard else []):
         where = {"scenario": "hard"} if t == "mean" else {"scenario": "hard", "held_out": t}
         n = per_seed(rows, categories, method="classifier", metric="n_labelled", **where)
         body.append([t, fmt(n, 0) if n else "–"] + [fmt(per_seed(rows, categories, method=m, metric="image_auroc", **where))
                                                    for m in ("classifier", "patchcore", "fused")] +
                     [fmt_interval(pooled_interval(in_scope(scored, categories, method=m, **where)))
                      for m in ("classifier", "patchcore")])
-    if types:
+    if has_hard:
         out["Open-set, hard (DRA): labelled anomalies of one known type, evaluated on good + every other type"] = \
             markdown(["known type", "labelled", "classifier", "PatchCore", "fused", "classifier 95 % interval",
                       "PatchCore 95 % interval"], body)
