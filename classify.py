@@ -372,6 +372,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Train on the training side of the split, score the evaluation images, write the result files; return metrics."""
     check_args(args)
+    data.code_version()  # the commit of the code this process loaded, read before anything long runs
     torch.manual_seed(args.seed)  # the head's initialisation and dropout draw from torch's global generator
     device = backbones.pick_device(args.device)
     device_info = backbones.device_info(device)

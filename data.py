@@ -488,15 +488,25 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     os.replace(tmp, out_dir)
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The git commit of the code this process runs, and whether tracked files differed from it, read once: the
+    first call (at the start of every script's run) fixes it, so a commit made while a long study runs is not
+    recorded for runs whose code was loaded before it."""
+    def git(*cmd: str) -> str | None:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=Path(__file__).parent,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "--short", "HEAD") or None,
+            "git_dirty": None if status is None else bool(status)}
+
+
 def run_info() -> dict:
-    """Versions and git commit, stored in every metrics.json."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"git_commit": commit, "python": sys.version.split()[0], "torch": torch.__version__,
-            "numpy": np.__version__}
+    """Versions and the git commit (code_version), stored in every metrics.json."""
+    return {**code_version(), "python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
 
 
 def peak_rss_mb() -> float:

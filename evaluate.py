@@ -308,6 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> str:
     """Run (or resume) the study, then write results.csv, report.md and the plots; returns the report."""
+    data.code_version()  # every run of this process records the commit it started with, not a later one
     if args.runs:
         study_dir = Path(args.runs)
         if not study_dir.is_dir():

@@ -570,6 +570,7 @@ def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device
 # ----------------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
     """Fit (or --load) a memory bank, score the test or evaluation images, write the result files; return metrics."""
+    data.code_version()  # the commit of the code this process loaded, read before anything long runs
     torch.manual_seed(args.seed)
     device = backbones.pick_device(args.device)
     print(backbones.describe_device(backbones.device_info(device)))

@@ -722,3 +722,13 @@ def test_open_set_bad_input_is_one_sentence(loaded):
     one_type = [s for s in test if s.defect_type in ("good", "hole")]
     with pytest.raises(data.DataError, match="has 1 defect type; the hard scenario .* needs at least 2"):
         data.open_set_split(train, one_type, "weave", 0, "hard", 1, known="hole")
+
+
+def test_code_version_is_read_once_per_process(monkeypatch):
+    data.code_version.cache_clear()
+    first = data.code_version()
+    assert set(first) == {"git_commit", "git_dirty"}
+    calls = []
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: calls.append(a))  # a later HEAD is never read
+    assert data.run_info()["git_commit"] == first["git_commit"] and not calls
+    data.code_version.cache_clear()
