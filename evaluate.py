@@ -5,8 +5,10 @@ and hard protocol) it calls the public `run()` of both scripts; report.py then t
 recall/FPR at a threshold fixed on normal images only, and pixel AUROC / AUPRO (all from metrics.py) into
 results.csv, report.md and plots. It is the only file that imports the two methods.
 
-    python evaluate.py --demo                                      # synthetic data, reduced study, CPU, ~3 min
+    python evaluate.py --demo                                      # synthetic data, every scenario, CPU, ~2 min
     python evaluate.py --data-root ~/mvtec --categories bottle,screw --seeds 0,1,2 --out-dir runs/study   # GPU
+    python evaluate.py --data-root ~/mvtec --categories pill --scenarios general,hard --out-dir runs/dra   # DRA's
+    python evaluate.py ... --out-dir runs/study --shard 2/4        # the 2nd of 4 parts (one per GPU or task)
     python evaluate.py --runs runs/study                           # rebuild tables and plots from saved runs
 """
 from __future__ import annotations
