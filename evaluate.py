@@ -103,7 +103,7 @@ def plan_open_set(train, test, category: str, seed: int, args) -> list[dict]:
     --general-m, hard-<type> for every defect type (M = --hard-m, fewer if the type has fewer)."""
     splits = []
     if "general" in args.scenarios:
-        for m in parse_m(args.general_m, "--general-m"):
+        for m in sorted(set(parse_m(args.general_m, "--general-m"))):
             split = data.open_set_split(train, test, category, seed, "general", m)
             splits.append({**split, "tag": f"general-{m}", "role": "general"})
     if "hard" in args.scenarios:
