@@ -41,7 +41,8 @@ PAIR_CHUNK = 1 << 21  # fast coreset: (point, chosen point) distances per matrix
 PAIR_CHUNK_CUDA = 1 << 26  # the same on a GPU: a 256 MB (r, B) block, ~100 products per update instead of ~3,000
 GPU_MAX_K = 2048  # FAISS's largest k on a GPU (and largest nprobe of a GPU IVF index)
 SEARCHES = ("exact", "ivf")  # FAISS IndexFlatL2, or IndexIVFFlat: k-means lists, only the nprobe nearest searched
-NPROBE = 8  # issue 16, real features: 586 lists, nprobe 8 found 100.0 % of the exact neighbours at 0.22x the time
+NPROBE = 32  # issue 16: on tire/pill/transistor (256 px) and tire (512 px) nprobe 32 left every image AUROC as exact
+# search's to 4 decimals (nprobe 8 moved it by up to 0.007) at 0.20x (512 px) to 0.46x (256 px) its time per image
 POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroid (min_points_per_centroid)
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
               "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size")  # final table
@@ -63,7 +64,7 @@ class Settings:
     reweight_k: int
     seed: int
     search: str = "exact"  # banks saved before issue 16 have neither field: they were searched exactly
-    nprobe: int = NPROBE  # IVF lists searched per query (ivf only)
+    nprobe: int | None = None  # IVF lists searched per query (ivf only; None: min(NPROBE, lists))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ class NearestNeighbours:
     """L2 search over a memory bank (M, D), exact (IndexFlatL2) or approximate (IndexIVFFlat: only the nprobe lists
     whose centroids are nearest to a query are searched); on the GPU when FAISS sees one and the device is CUDA."""
 
-    def __init__(self, bank: np.ndarray, device: torch.device, search: str = "exact", nprobe: int = NPROBE,
+    def __init__(self, bank: np.ndarray, device: torch.device, search: str = "exact", nprobe: int | None = None,
                  seed: int = 0):
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got '{search}'")
@@ -343,7 +344,7 @@ class NearestNeighbours:
         else:
             index = faiss.IndexFlatL2(bank.shape[1])
             index.add(bank)
-        self._place(index, device, nprobe)
+        self._place(index, device, min(NPROBE, ivf_lists(len(bank))) if nprobe is None else nprobe)
 
     def _place(self, index: faiss.Index, device: torch.device, nprobe: int) -> None:
         """Keep the CPU index (save, reconstructing rows) and search on a GPU copy if asked and possible."""
@@ -493,6 +494,20 @@ def prefetched(items: Iterable[T]) -> Iterator[T]:
         thread.join()
 
 
+class Laps:
+    """Where a loop's time goes: lap(name) adds the seconds since the previous lap (or since creation) to name.
+    On a GPU the work is asynchronous: a lap then counts when the host waited, not when the kernels ran."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 def extract_features(train: Sequence[data.Sample], s: Settings, device: torch.device,
                      batch_size: int, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch features of every training image (N, D) float16 on CPU, and their random projection (N, 128) on device."""
@@ -525,7 +540,8 @@ def fit(train: Sequence[data.Sample], s: Settings, device: torch.device, batch_s
     """Extract the patch features of every training image and keep a greedy coreset of them as the memory bank."""
     features, z = extract_features(train, s, device, batch_size, workers)  # (N, D), (N, 128)
     idx = greedy_coreset(z, s.coreset_ratio, s.seed)  # (M,)
-    return MemoryBank(s, NearestNeighbours(features[idx.cpu()].float().numpy(), device, s.search, s.nprobe, s.seed))
+    nn = NearestNeighbours(features[idx.cpu()].float().numpy(), device, s.search, s.nprobe, s.seed)
+    return MemoryBank(replace(s, nprobe=nn.cpu.nprobe if nn.kind == "ivf" else None), nn)  # the nprobe used
 
 
 def reweight(nn: NearestNeighbours, query: np.ndarray, dist: float, idx: int, k: int) -> float:
@@ -542,28 +558,35 @@ def reweight(nn: NearestNeighbours, query: np.ndarray, dist: float, idx: int, k:
 
 
 def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device, batch_size: int,
-          desc: str = "scoring", workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+          desc: str = "scoring", workers: int = 0, laps: Laps | None = None
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Image scores (N,), anomaly maps (N, S, S) and ground-truth masks (N, S, S) bool of samples (all zero for good
-    images and missing masks). Every image is scored on its own: batch-independent."""
+    images and missing masks). Every image is scored on its own: batch-independent. laps, if given, receives the
+    seconds spent waiting for images (read), in the network (features), searching (search) and on maps (maps)."""
     s = bank.settings
     extractor = extractor_for(s.backbone, s.weights, s.layers, device)
     loader = data.make_loader(samples, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop,
                               device=device, workers=workers)
     scores, maps, masks = [], [], []
+    laps = laps or Laps()
     for batch in tqdm(prefetched(loader), desc=desc, total=len(loader), disable=None, leave=False):
+        laps.lap("read")
         images = batch["image"].to(device, non_blocking=True)
         f, grid = embed(extractor, images, s)  # (B, H*W, D)
         f = f.cpu().numpy()
+        laps.lap("features")
         dist, idx = bank.nn.search(f.reshape(-1, s.target_dim), 1)  # (B*H*W, 1)
         dist, idx = dist.reshape(len(f), -1), idx.reshape(len(f), -1)  # (B, H*W)
         worst = dist.argmax(1)  # the image score is the largest patch score (s* of Eq. 6)
         for b, j in enumerate(worst):
             scores.append(reweight(bank.nn, f[b, j], dist[b, j], idx[b, j], s.reweight_k) if s.reweight
                           else float(dist[b, j]))
+        laps.lap("search")
         patch_map = torch.from_numpy(dist).view(-1, 1, *grid)  # (B, 1, H, W)
         up = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, S, S)
         maps += [gaussian_filter(m, sigma=SIGMA) for m in up[:, 0].numpy()]
         masks.append(batch["mask"][:, 0].numpy() > 0)  # (B, 1, S, S) -> (B, S, S)
+        laps.lap("maps")
     return np.array(scores, dtype=np.float64), np.stack(maps).astype(np.float32), np.concatenate(masks)
 
 
@@ -596,15 +619,15 @@ def run(args: argparse.Namespace) -> dict:
             settings = Settings(args.backbone, args.weights, tuple(args.layers or ()) or backbones.default_layers(args.backbone),
                                 args.image_size, args.center_crop, args.patch_size, args.pretrain_dim,
                                 args.target_dim, args.coreset_ratio, args.reweight, args.reweight_k, args.seed,
-                                args.search, NPROBE if args.nprobe is None else args.nprobe)
+                                args.search, args.nprobe)
             bank = fit(train, settings, device, args.batch_size, args.workers)
         fit_seconds = time.perf_counter() - t0
         print(f"fit: {len(bank.nn)} patches in the memory bank, {fit_seconds:.1f} s, search {bank.nn.kind}"
               + (f" ({bank.nn.n_lists} lists, nprobe {bank.settings.nprobe})" if bank.nn.kind == "ivf" else ""))
 
         # Score: every test (or evaluation) image, then the metrics shared with classify.py
-        t0 = time.perf_counter()
-        scores, maps, masks = score(bank, test, device, args.batch_size, workers=args.workers)
+        t0, laps = time.perf_counter(), Laps()
+        scores, maps, masks = score(bank, test, device, args.batch_size, workers=args.workers, laps=laps)
         ms_per_image = 1000 * (time.perf_counter() - t0) / len(test)
         s = bank.settings
         labels = np.array([x.label for x in test])
@@ -623,6 +646,7 @@ def run(args: argparse.Namespace) -> dict:
                        args=vars(args), run_info=data.run_info(),
                        device_info=backbones.device_info(device, faiss_gpu=bank.nn.index is not bank.nn.cpu))
         metrics["ivf_lists"] = bank.nn.n_lists  # beside settings' search and nprobe; None for exact search
+        metrics["ms_per_image_by_phase"] = {k: 1000 * v / len(test) for k, v in laps.seconds.items()}
 
         # Write: scores.csv (and the held-out normals' heldout_scores.csv), metrics.json, the memory bank, overlays
         data.write_scores(tmp / "scores.csv", test, scores)
@@ -667,7 +691,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--search", choices=SEARCHES, default="exact",
                    help="nearest-neighbour search: exact, or FAISS IVF lists (approximate; faster on large banks)")
     p.add_argument("--nprobe", type=int, default=None,
-                   help=f"IVF lists searched per query (default {NPROBE}; with --load the saved value unless given)")
+                   help=f"IVF lists searched per query (default {NPROBE}, at most the bank's lists; with --load the saved "
+                        "value unless given)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -75,9 +75,10 @@ def one(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         bank = patchcore.MemoryBank(s, patchcore.NearestNeighbours(features[idx.cpu()].float().numpy(), device))
         t["index_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        patchcore.score(bank, test, device, args.batch_size)
+        t0, laps = time.perf_counter(), patchcore.Laps()
+        patchcore.score(bank, test, device, args.batch_size, laps=laps)
         t["ms_per_image"] = 1000 * (time.perf_counter() - t0) / len(test)
+        t["ms_by_phase"] = {k: 1000 * v / len(test) for k, v in laps.seconds.items()}  # read, features, search, maps
     return {"backbone": args.backbone, "weights": args.weights, "category": category, "size": args.size,
             "ratio": args.ratio, "patches": len(features), "bank": len(bank.nn), **t, "blocks": stats["blocks"],
             "plain_measured": len(plain), "identical": identical, "positions_differing": n_diff,
@@ -240,6 +241,7 @@ def main(argv=None) -> None:
               f"{plain:>10}{r['fast_s']:>8.1f}{speed_up:>8.{0 if speed_up >= 10 else 1}f}x"
               f"{r['bank']:>11}/{r['blocks']:<6}{same:>10}{r['index_s']:>8.2f}{r['ms_per_image']:>9.0f}"
               f"{r['peak_rss_mb']:>8.0f}", flush=True)
+        print("    ms per test image: " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms_by_phase"].items()), flush=True)
     if not args.search_only and any(r["plain_measured"] < r["bank"] for r in rows):
         print("~ plain loop time extrapolated from its first --plain-limit points; * compared over those points")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ import csv
 import dataclasses
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -195,7 +196,7 @@ def test_ivf_default_nprobe_finds_nearly_every_exact_neighbour_and_is_seeded(clu
     bank, queries, _ = clustered
     _, exact = patchcore.NearestNeighbours(bank, CPU).search(queries, 1)
     ivf = patchcore.NearestNeighbours(bank, CPU, "ivf", seed=0)
-    assert ivf.cpu.nprobe == patchcore.NPROBE == 8
+    assert ivf.cpu.nprobe == patchcore.NPROBE == 32
     found = (ivf.search(queries, 1)[1] == exact).mean()
     ivf.set_nprobe(1)
     assert found >= 0.99 and (ivf.search(queries, 1)[1] == exact).mean() < found  # nprobe is what is searched
@@ -222,7 +223,7 @@ def test_ivf_save_load_keeps_kind_and_nprobe(clustered, tmp_path):
     patchcore.NearestNeighbours(bank, CPU).save(tmp_path / "old" / "index.faiss")
     data.write_json(tmp_path / "old" / "settings.json", {k: v for k, v in raw.items() if k not in ("search", "nprobe")})
     old = patchcore.MemoryBank.load(tmp_path / "old", CPU, nprobe=2)
-    assert (old.settings.search, old.settings.nprobe, old.nn.kind) == ("exact", patchcore.NPROBE, "exact")
+    assert (old.settings.search, old.settings.nprobe, old.nn.kind) == ("exact", None, "exact")
 
 
 def test_ivf_bad_nprobe_and_too_small_bank(clustered):
@@ -236,6 +237,8 @@ def test_ivf_bad_nprobe_and_too_small_bank(clustered):
     # Too small to train two lists: one sentence, no silent fallback to exact search (see patchcore.ivf_index)
     with pytest.raises(data.DataError, match="at least 78 patches to train its lists, this one has 77; use --search"):
         patchcore.NearestNeighbours(bank[:77], CPU, "ivf")
+    # A bank with fewer lists than the default nprobe: every list is searched (an explicit larger nprobe raises)
+    assert patchcore.NearestNeighbours(bank[:500], CPU, "ivf").cpu.nprobe == patchcore.ivf_lists(500) == 12
     small = patchcore.NearestNeighbours(bank[:78], CPU, "ivf", nprobe=1)
     assert small.n_lists == 2 and small.search(bank[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
     # One list of two cannot hold all 78 rows: FAISS would pad with -1, the wrapper says so instead
@@ -267,7 +270,12 @@ def test_prefetched_keeps_order_raises_in_place_and_stops_early():
 def test_prefetching_does_not_change_scores(synth_root, monkeypatch):
     train, test = data.load_category(synth_root, "washer")
     bank = patchcore.fit(train[:4], settings(ratio=0.5), CPU, 4)
-    scores, maps, masks = patchcore.score(bank, test, CPU, 3)
+    t0, laps = time.perf_counter(), patchcore.Laps()
+    scores, maps, masks = patchcore.score(bank, test, CPU, 3, laps=laps)
+    elapsed = time.perf_counter() - t0
+    # the laps split the call's time into its phases: each counted once, all inside the call
+    assert set(laps.seconds) == {"read", "features", "search", "maps"} and min(laps.seconds.values()) > 0
+    assert sum(laps.seconds.values()) <= elapsed
     monkeypatch.setattr(patchcore, "prefetched", iter)  # the plain loop over the loader
     plain = patchcore.score(bank, test, CPU, 3)
     assert np.array_equal(plain[0], scores) and np.array_equal(plain[1], maps) and np.array_equal(plain[2], masks)
@@ -372,6 +380,7 @@ def test_main_writes_results_and_load_reuses_the_bank(synth_root, tmp_path):
                 "memory_bank_size", "args", "threshold", "recall_at_threshold"):
         assert key in saved
     assert saved["image_auroc"] == m["image_auroc"] and saved["threshold"] is not None
+    assert sum(saved["ms_per_image_by_phase"].values()) <= saved["ms_per_image"]  # phases of the timed scoring
     assert len(list((out / "maps").glob("*.png"))) == 3
     assert (out / "memory_bank" / "index.faiss").is_file()
     ran_on = "cpu" if backbones.cuda_problem() else "cuda:0"  # what --device auto chose, with the GPU's index
@@ -390,8 +399,9 @@ def test_main_ivf_records_the_search_and_scores_as_exact_search_does(synth_root,
     exact = patchcore.main(base + ["--out-dir", str(tmp_path / "exact")])
     ivf = patchcore.main(base + ["--search", "ivf", "--out-dir", str(tmp_path / "ivf")])
     saved = json.loads((tmp_path / "ivf" / "metrics.json").read_text())
-    assert (saved["settings"]["search"], saved["settings"]["nprobe"], saved["ivf_lists"]) == ("ivf", 8, 13)
-    assert (exact["settings"]["search"], exact["ivf_lists"]) == ("exact", None)
+    # The default nprobe (32) is more than this bank's 13 lists: every list is searched, and settings say so
+    assert (saved["settings"]["search"], saved["settings"]["nprobe"], saved["ivf_lists"]) == ("ivf", 13, 13)
+    assert (exact["settings"]["search"], exact["settings"]["nprobe"], exact["ivf_lists"]) == ("exact", None, None)
     scores = {}
     for name in ("exact", "ivf"):
         with open(tmp_path / name / "scores.csv") as f:
@@ -402,8 +412,8 @@ def test_main_ivf_records_the_search_and_scores_as_exact_search_does(synth_root,
     np.testing.assert_allclose(scores["ivf"], scores["exact"], rtol=1e-4)
     assert ivf["image_auroc"] == exact["image_auroc"]
     # --load keeps the saved IVF index; --nprobe may change its nprobe (no retraining)
-    again = patchcore.main(base + ["--load", str(tmp_path / "ivf"), "--nprobe", "13", "--out-dir", str(tmp_path / "a")])
-    assert (again["settings"]["search"], again["settings"]["nprobe"], again["ivf_lists"]) == ("ivf", 13, 13)
+    again = patchcore.main(base + ["--load", str(tmp_path / "ivf"), "--nprobe", "4", "--out-dir", str(tmp_path / "a")])
+    assert (again["settings"]["search"], again["settings"]["nprobe"], again["ivf_lists"]) == ("ivf", 4, 13)
     # Bad input: one sentence, no out dir (nprobe's upper bound and the bank's size are known after fitting only)
     bad = ["--search", "ivf", "--out-dir", str(tmp_path / "bad")]
     with pytest.raises(SystemExit, match="--nprobe must be at least 1, got 0$"):
