@@ -183,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wrn50", action="store_true", help="also benchmark wide_resnet50_2 with random weights")
     p.add_argument("--search-only", action="store_true",
                    help="time the nearest-neighbour search alone: exact vs IVF at each --nprobes value")
-    p.add_argument("--nprobes", default="1,2,4,8,16,all", help="with --search-only; all: every IVF list")
+    p.add_argument("--nprobes", default="1,2,4,8,16,32,all", help="with --search-only; all: every IVF list")
     p.add_argument("--bank", default=None,
                    help="with --search-only: a saved memory_bank (or run) folder instead of fitting one per size/ratio")
     p.add_argument("--out", default=None, help="default: runs/bench/patchcore.json, with --search-only "
