@@ -293,7 +293,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="both methods (classifier training and scoring)")
     p.add_argument("--coreset-ratio", type=float, default=0.1)
     p.add_argument("--search", choices=patchcore.SEARCHES, default="exact", help="PatchCore's nearest-neighbour search")
-    p.add_argument("--nprobe", type=int, default=None, help=f"IVF lists searched (--search ivf; default {patchcore.NPROBE}, at most the bank's lists)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help=f"IVF lists searched (--search ivf; default {patchcore.NPROBE}, at most the bank's lists)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=backbones.PRECISIONS, default="mixed",
                    help="mixed: autocast/TF32 on a GPU; float32: none, for a strict comparison with the CPU")

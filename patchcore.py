@@ -42,7 +42,7 @@ PAIR_CHUNK_CUDA = 1 << 26  # the same on a GPU: a 256 MB (r, B) block, ~100 prod
 GPU_MAX_K = 2048  # FAISS's largest k on a GPU (and largest nprobe of a GPU IVF index)
 SEARCHES = ("exact", "ivf")  # FAISS IndexFlatL2, or IndexIVFFlat: k-means lists, only the nprobe nearest searched
 NPROBE = 32  # issue 16: on tire/pill/transistor (256 px) and tire (512 px) nprobe 32 left every image AUROC as exact
-# search's to 4 decimals (nprobe 8 moved it by up to 0.007) at 0.20x (512 px) to 0.46x (256 px) its time per image
+# search's to 4 decimals (nprobe 8 moved it by up to 0.007) at 0.20x (512 px) to 0.40x (256 px) its time per image
 POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroid (min_points_per_centroid)
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
               "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size")  # final table
