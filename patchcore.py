@@ -344,12 +344,14 @@ class NearestNeighbours:
         else:
             index = faiss.IndexFlatL2(bank.shape[1])
             index.add(bank)
-        self._place(index, device, min(NPROBE, ivf_lists(len(bank))) if nprobe is None else nprobe)
+        self._place(index, device, nprobe)
 
-    def _place(self, index: faiss.Index, device: torch.device, nprobe: int) -> None:
-        """Keep the CPU index (save, reconstructing rows) and search on a GPU copy if asked and possible."""
+    def _place(self, index: faiss.Index, device: torch.device, nprobe: int | None) -> None:
+        """Keep the CPU index (save, reconstructing rows) and search on a GPU copy if asked and possible; an IVF index
+        searches nprobe lists (None: NPROBE, or every list of an index with fewer)."""
         self.cpu, self.index = index, index
         if self.kind == "ivf":
+            nprobe = min(NPROBE, self.n_lists) if nprobe is None else nprobe
             index.make_direct_map()  # id -> (list, offset), for reconstruct_batch in vectors(): IVF stores rows by list
             self.set_nprobe(nprobe)  # before the copy: index_cpu_to_gpu takes nprobe along
         if device.type == "cuda":
@@ -411,7 +413,7 @@ class NearestNeighbours:
         """A saved index; an IVF one searches nprobe lists, by default as many as when it was saved."""
         index = faiss.read_index(str(path))
         nn = cls.__new__(cls)
-        nn._place(index, device, getattr(index, "nprobe", NPROBE) if nprobe is None else nprobe)
+        nn._place(index, device, getattr(index, "nprobe", None) if nprobe is None else nprobe)
         return nn
 
 
