@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> dict:
                        ms_per_image=ms_per_image, n_train_images=len(fit_samples), n_train_defects=n_fit_defects,
                        n_val_images=len(val_samples), n_val_defects=sum(s.label for s in val_samples),
                        params_millions=backbones.count_params(model) / 1e6, peak_rss_mb=data.peak_rss_mb(),
-                       history=history, args=vars(args), device_info=device_info,
+                       history=history, args=data.recorded_args(args), device_info=device_info,
                        run_info=data.run_info())
 
         # Write: scores.csv, heldout_scores.csv (validation normals), metrics.json, args.json, the images of each
@@ -435,7 +435,7 @@ def run(args: argparse.Namespace) -> dict:
         data.write_scores(tmp / "scores.csv", eval_samples, scores)
         data.write_scores(tmp / "heldout_scores.csv", val_normals, normal_scores)
         data.write_json(tmp / "metrics.json", metrics)
-        data.write_json(tmp / "args.json", vars(args))
+        data.write_json(tmp / "args.json", data.recorded_args(args))
         data.write_json(tmp / "images.json", {"split": split, "train": [s.rel for s in fit_samples],
                                               "val": [s.rel for s in val_samples],
                                               "eval": [s.rel for s in eval_samples]})

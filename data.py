@@ -504,6 +504,19 @@ def code_version() -> dict:
             "git_dirty": None if status is None else bool(status)}
 
 
+def portable(value):
+    """A value to record in a committed result file: an absolute path becomes its last part ('.../mvtec'), so that
+    no path of this machine is written; a relative path (as the README's commands give them) is kept."""
+    if isinstance(value, (str, Path)) and os.path.isabs(str(value)):
+        return f".../{Path(value).name}"
+    return str(value) if isinstance(value, Path) else value
+
+
+def recorded_args(args: argparse.Namespace) -> dict:
+    """A run's arguments for args.json and metrics.json, every path portable()."""
+    return {k: portable(v) for k, v in vars(args).items()}
+
+
 def run_info() -> dict:
     """Versions and the git commit (code_version), stored in every metrics.json."""
     return {**code_version(), "python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
@@ -515,12 +528,13 @@ def peak_rss_mb() -> float:
 
 
 def write_scores(path: str | Path, samples: Sequence[Sample], scores: Sequence[float]) -> None:
-    """scores.csv: one row per image, path,label,defect_type,score."""
+    """scores.csv: one row per image, path,label,defect_type,score; the path relative to the category folder
+    (test/crack/000.png), so that results can be committed and read on another machine."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "defect_type", "score"])
         for s, score in zip(samples, scores):
-            w.writerow([s.path, s.label, s.defect_type, f"{float(score):.10g}"])  # p(defect) near 1 needs digits
+            w.writerow([s.rel, s.label, s.defect_type, f"{float(score):.10g}"])  # p(defect) near 1 needs digits
 
 
 def read_scores(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:

@@ -149,7 +149,7 @@ def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
         train, test = loaded[category]
         for seed in seeds:
             base = Path(args.out_dir) / category / f"seed{seed}"
-            info = dict(category=category, seed=seed, data_root=str(args.data_root))
+            info = dict(category=category, seed=seed)  # no data root: study folders are committed and moved
             # PatchCore never sees a defect: fit once on train/good, score every evaluation image of the protocol
             # (pool: the all-types evaluation set; open-set: every test image, its held-out normals from train/good)
             pc_splits = ([("all", "all-types", data.make_split(test, category, seed, "all-types", None))] if pool else []) + \
@@ -220,12 +220,17 @@ def time_left(methods: list[str], seconds: dict[str, list[float]]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The report (report.py) draws everything from saved scores; the heatmaps need the methods, so they are drawn here.
 # ----------------------------------------------------------------------------------------------------------------
-def plot_heatmaps(study_dir: Path, shown: list[tuple[str, int, str, str]], device: str) -> list[str]:
+def plot_heatmaps(study_dir: Path, shown: list[tuple[str, int, str, str]], data_root: str | None,
+                  device: str) -> list[str]:
     """heatmaps.png: one evaluation image per defect type of each shown run, with both methods' maps (each method's
-    maps scaled to [0, 1] over the images shown). Needs the saved models (memory bank, model.pt)."""
+    maps scaled to [0, 1] over the images shown). Needs the images (data_root) and the saved models (memory bank,
+    model.pt), which a committed study folder does not hold."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if data_root is None:
+        print("heatmaps: no --data-root given, skipped")
+        return []
     dev = backbones.pick_device(device)
     panels = []
     for c, seed, scenario, tag in shown:
@@ -235,13 +240,12 @@ def plot_heatmaps(study_dir: Path, shown: list[tuple[str, int, str, str]], devic
         if not (pc_dir / "memory_bank").is_dir() or not (cl_dir / "model.pt").is_file():
             print(f"heatmaps: no saved models for {c}, skipped")
             continue
-        info = json.loads((pc_dir / "study.json").read_text())
-        _, test = data.load_category(info["data_root"], c)
+        _, test = data.load_category(data_root, c)
         paths, _, types, _ = data.read_scores(cl_dir / "scores.csv")  # the classifier run's evaluation images
         first = {}
         for p, t in zip(paths, types):
             first.setdefault(t, p)
-        samples = [next(s for s in test if s.path == first[t]) for t in sorted(first) if t != "good"]
+        samples = [next(s for s in test if s.rel == first[t]) for t in sorted(first) if t != "good"]
         bank = patchcore.MemoryBank.load(pc_dir, dev)
         _, pc_maps, _ = patchcore.score(bank, samples, dev, 8, "heatmaps")
         ckpt = classify.Checkpoint.load(cl_dir / "model.pt")
@@ -269,7 +273,8 @@ def plot_heatmaps(study_dir: Path, shown: list[tuple[str, int, str, str]], devic
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("--demo", action="store_true", help="synthetic data + a reduced study on the CPU (README)")
-    p.add_argument("--runs", default=None, help="only rebuild results.csv, report.md and plots of this study folder")
+    p.add_argument("--runs", default=None, help="only rebuild results.csv, report.md and plots of this study folder "
+                   "(heatmaps too when --data-root is given and the folder holds the saved models)")
     p.add_argument("--data-root", default=None, help="folder holding <category>/train/good, test/, ground_truth/")
     p.add_argument("--categories", default=None, help="comma-separated, e.g. bottle,screw")
     p.add_argument("--scenarios", default=",".join(STUDY_SCENARIOS), help="comma-separated subset of "
@@ -334,7 +339,7 @@ def run(args: argparse.Namespace) -> str:
             print(f"shard {args.shard} done; when every shard is, build the report with: python evaluate.py --runs "
                   f"{study_dir}")
             return ""
-    text = report.write(study_dir, lambda shown: plot_heatmaps(study_dir, shown, args.device))
+    text = report.write(study_dir, lambda shown: plot_heatmaps(study_dir, shown, args.data_root, args.device))
     print("\n" + text.split("## Plots")[0])
     print(f"wrote {study_dir / 'results.csv'} and {study_dir / 'report.md'}")
     return text

@@ -645,7 +645,7 @@ def run(args: argparse.Namespace) -> dict:
                        params_millions=backbones.count_params(extractor_of(s)) / 1e6,
                        peak_rss_mb=data.peak_rss_mb(), memory_bank_size=len(bank.nn), settings=asdict(s),
                        n_train_images=None if args.load else len(train),
-                       args=vars(args), run_info=data.run_info(),
+                       args=data.recorded_args(args), run_info=data.run_info(),
                        device_info=backbones.device_info(device, faiss_gpu=bank.nn.index is not bank.nn.cpu))
         metrics["ivf_lists"] = bank.nn.n_lists  # beside settings' search and nprobe; None for exact search
         metrics["ms_per_image_by_phase"] = {k: 1000 * v / len(test) for k, v in laps.seconds.items()}

@@ -667,7 +667,7 @@ def write(study_dir: Path, heatmaps: Callable[[list[tuple[str, int, str, str]]],
     plots = plot_all(rows, categories, study_dir) + plot_roc(scored, shown, study_dir) + \
         (heatmaps(shown) if heatmaps else [])
     parts = ["# Classifier vs PatchCore: study report", "",
-             f"Study folder `{study_dir}`; {count(len(categories), 'category', 'categories')}, "
+             f"Study folder `{data.portable(study_dir)}`; {count(len(categories), 'category', 'categories')}, "
              f"seeds {sorted({s.seed for s in scored})}. "
              "Every number is mean ± std over seeds; intervals are 95 % stratified bootstrap intervals over the "
              f"evaluation images ({metrics.BOOTSTRAP_RESAMPLES} resamples, pooled over seeds and categories), "

@@ -75,7 +75,7 @@ def test_no_evaluation_image_is_trained_or_validated_on(tiny_run, synth_root):
     assert set(sets["split"]["heldout_good"]) <= val  # the held-out good pool validates and sets the threshold
     assert any(r.startswith("test/") and "/good/" not in r for r in val)  # at least one validation defect
     assert json.loads((out / "metrics.json").read_text())["n_images"] == len(evaluated)
-    scored = {str(Path(p).relative_to(synth_root / "weave")) for p in read_scores(out / "scores.csv")}
+    scored = set(read_scores(out / "scores.csv"))  # paths relative to the category folder
     assert scored == evaluated  # scores.csv holds exactly the evaluation images
 
 
@@ -116,7 +116,7 @@ def test_checkpoint_reload_gives_the_same_scores_and_image_sized_maps(tiny_run, 
     scores, maps = classify.score(model, cam_layer, samples, checkpoint.backbone, checkpoint.image_size,
                                   torch.device("cpu"), batch_size=8)
     written = read_scores(out / "scores.csv")
-    assert scores == pytest.approx([written[s.path] for s in samples], rel=1e-5)  # scores.csv keeps 6 digits
+    assert scores == pytest.approx([written[s.rel] for s in samples], rel=1e-5)  # scores.csv keeps 6 digits
     assert maps.shape == (len(samples), 64, 64) and np.isfinite(maps).all() and (maps >= 0).all()
     one_by_one, maps1 = classify.score(model, cam_layer, samples[:3], checkpoint.backbone, 64, torch.device("cpu"),
                                        batch_size=1)
