@@ -331,6 +331,8 @@ def run(args: argparse.Namespace) -> str:
         if args.data_root is None or args.categories is None:
             raise data.DataError("a study needs --data-root and --categories (or --demo, or --runs FOLDER)")
         args.scenarios = [s.strip() for s in args.scenarios.split(",")]
+        if args.nprobe is not None and args.search != "ivf":
+            raise data.DataError("--nprobe applies to --search ivf only; exact search probes no lists")
         unknown = set(args.scenarios) - set(STUDY_SCENARIOS)
         if unknown:
             raise data.DataError(f"unknown scenario(s) {', '.join(sorted(unknown))} (expected {', '.join(STUDY_SCENARIOS)})")

@@ -44,6 +44,11 @@ SEARCHES = ("exact", "ivf")  # FAISS IndexFlatL2, or IndexIVFFlat: k-means lists
 NPROBE = 32  # issue 16: on tire/pill/transistor (256 px) and tire (512 px) nprobe 32 left every image AUROC as exact
 # search's to 4 decimals (nprobe 8 moved it by up to 0.007) at 0.20x (512 px) to 0.40x (256 px) its time per image
 POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroid (min_points_per_centroid)
+# --load: a saved bank fixes its feature pipeline and coreset (these flags may not be given with it, see check_flags);
+# what only the scoring reads may change without refitting (these flags act on it, see load_bank)
+FIXED_BY_BANK = ("backbone", "weights", "layers", "image_size", "center_crop", "patch_size", "pretrain_dim",
+                 "target_dim", "coreset_ratio", "seed")
+SET_AT_LOAD = ("search", "nprobe", "reweight", "reweight_k")
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
               "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size")  # final table
 
@@ -405,6 +410,11 @@ class NearestNeighbours:
         rows = self.cpu.reconstruct_batch(np.ascontiguousarray(idx.ravel(), dtype=np.int64))  # (n, D)
         return rows.reshape(*idx.shape, -1)
 
+    def rebuilt(self, search: str, device: torch.device, nprobe: int | None, seed: int) -> "NearestNeighbours":
+        """The same bank rows in a new index searched as `search` asks (ivf: the seeded k-means lists of fit time,
+        so exact and IVF search can be compared on one bank). IVF stores full vectors: no row changes."""
+        return NearestNeighbours(self.vectors(np.arange(len(self))), device, search, nprobe, seed)  # (M, D) rows
+
     def save(self, path: Path) -> None:
         faiss.write_index(self.cpu, str(path))
 
@@ -432,8 +442,10 @@ class MemoryBank:
         data.write_json(folder / "settings.json", asdict(self.settings))
 
     @classmethod
-    def load(cls, folder: str | Path, device: torch.device, nprobe: int | None = None) -> "MemoryBank":
-        """A saved bank with its saved settings; nprobe, if given, replaces the saved one of an IVF bank."""
+    def load(cls, folder: str | Path, device: torch.device, nprobe: int | None = None,
+             search: str | None = None) -> "MemoryBank":
+        """A saved bank with its saved settings. nprobe, if given, replaces the saved one (IVF search only); search,
+        if given and not the saved one, rebuilds the index from the bank's rows with the bank's seed."""
         folder = Path(folder)
         if (folder / "memory_bank").is_dir():  # a run's out dir was given
             folder = folder / "memory_bank"
@@ -441,12 +453,18 @@ class MemoryBank:
             raise data.DataError(f"no memory bank in {folder} (expected index.faiss and settings.json)")
         raw = json.loads((folder / "settings.json").read_text())
         s = Settings(**{**raw, "layers": tuple(raw["layers"])})  # no search, nprobe (before issue 16): exact
-        if nprobe is not None and s.search == "ivf":
-            s = replace(s, nprobe=nprobe)
-        nn = NearestNeighbours.load(folder / "index.faiss", device, s.nprobe)
+        search = search or s.search
+        if nprobe is not None and search != "ivf":
+            raise data.DataError(f"--nprobe applies to IVF search only, and the memory bank in {folder} is searched "
+                                 f"exactly here (--search ivf builds IVF lists from its patches)")
+        keep = search == s.search  # else the saved index is only read for its rows, on the CPU
+        nn = NearestNeighbours.load(folder / "index.faiss", device if keep else torch.device("cpu"),
+                                    s.nprobe if nprobe is None else nprobe)
         if nn.kind != s.search:
             raise data.DataError(f"{folder}: settings.json says search '{s.search}' but index.faiss is {nn.kind}")
-        return cls(s, nn)
+        if not keep:
+            nn = nn.rebuilt(search, device, nprobe, s.seed)
+        return cls(replace(s, search=search, nprobe=nn.cpu.nprobe if nn.kind == "ivf" else None), nn)  # those used
 
 
 T = TypeVar("T")
@@ -593,8 +611,54 @@ def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 5. The flags: none is silently ignored, and the files record the settings that ran
+# ----------------------------------------------------------------------------------------------------------------
+def flag(name: str) -> str:
+    """The command-line flag of an argument's name: image_size -> --image-size."""
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """End the run, before it reads or writes anything, on a flag given on the command line that would not act:
+    with --load one that the bank fixes (FIXED_BY_BANK), without it --nprobe or --reweight-k that the search or
+    the scoring would not use. (With --load those two are checked against the bank: MemoryBank.load, load_bank.)"""
+    if args.load:
+        fixed = [flag(k) for k in FIXED_BY_BANK if k in args.explicit]
+        if fixed:
+            raise data.DataError(f"{', '.join(fixed)} cannot be given with --load: the memory bank in {args.load} "
+                                 f"fixes {'it' if len(fixed) == 1 else 'them'} (fit a new bank instead)")
+        return
+    if args.nprobe is not None and args.search != "ivf":
+        raise data.DataError("--nprobe applies to --search ivf only; exact search probes no lists")
+    if "reweight_k" in args.explicit and not args.reweight:
+        raise data.DataError("--reweight-k applies with --reweight only (the Eq. 7 neighbourhood)")
+
+
+def load_bank(args: argparse.Namespace, device: torch.device) -> MemoryBank:
+    """--load: the saved bank, with the settings that only the scoring reads (SET_AT_LOAD) from the flags given:
+    --search rebuilds its index from its rows, --nprobe sets the IVF lists searched, --reweight and --reweight-k
+    switch on Eq. 7 (applied to each image score, see score); the others keep their saved values."""
+    search = args.search if "search" in args.explicit else None  # None: the saved search
+    bank = MemoryBank.load(args.load, device, args.nprobe, search)
+    reweighting = {k: getattr(args, k) for k in ("reweight", "reweight_k") if k in args.explicit}
+    s = replace(bank.settings, **reweighting)
+    if "reweight_k" in args.explicit and not s.reweight:
+        raise data.DataError(f"--reweight-k applies with --reweight only, and the memory bank in {args.load} "
+                             f"was fitted without it")
+    return replace(bank, settings=s)
+
+
+def used_args(args: argparse.Namespace, s: Settings) -> argparse.Namespace:
+    """args as the run used them, for args.json and metrics.json: every flag the bank's settings stand for holds
+    the value that ran (with --load the saved ones, not the parser's defaults; after a fit the default layers and
+    nprobe resolved)."""
+    return argparse.Namespace(**{**vars(args), **asdict(s)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
     """Fit (or --load) a memory bank, score the test or evaluation images, write the result files; return metrics."""
+    check_flags(args)
     data.code_version()  # the commit of the code this process loaded, read before anything long runs
     torch.manual_seed(args.seed)
     device = backbones.pick_device(args.device)
@@ -613,10 +677,10 @@ def run(args: argparse.Namespace) -> dict:
     with data.atomic_dir(out_dir) as tmp:
         # Fit: features of train/good -> coreset memory bank (or reuse a saved one)
         t0 = time.perf_counter()
-        if args.load:  # setting nprobe is free (no retraining), so --nprobe may change that of a saved IVF bank
-            bank = MemoryBank.load(args.load, device, args.nprobe)
-            print(f"loaded memory bank of {len(bank.nn)} patches from {args.load} (its settings override the flags"
-                  f"{', except --nprobe' if args.nprobe is not None else ''})")
+        if args.load:  # its feature pipeline is fixed (check_flags); --search, --nprobe, --reweight(-k) may act
+            bank = load_bank(args, device)
+            print(f"loaded memory bank of {len(bank.nn)} patches from {args.load} ({bank.settings.backbone}, "
+                  f"{bank.settings.image_size} px)")
         else:
             settings = Settings(args.backbone, args.weights, tuple(args.layers or ()) or backbones.default_layers(args.backbone),
                                 args.image_size, args.center_crop, args.patch_size, args.pretrain_dim,
@@ -624,6 +688,7 @@ def run(args: argparse.Namespace) -> dict:
                                 args.search, args.nprobe)
             bank = fit(train, settings, device, args.batch_size, args.workers)
         fit_seconds = time.perf_counter() - t0
+        args = used_args(args, bank.settings)  # recorded below: the settings that ran, not the parser's defaults
         print(f"fit: {len(bank.nn)} patches in the memory bank, {fit_seconds:.1f} s, search {bank.nn.kind}"
               + (f" ({bank.nn.n_lists} lists, nprobe {bank.settings.nprobe})" if bank.nn.kind == "ivf" else ""))
 
@@ -691,10 +756,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reweight", action="store_true", help="Eq. 7 image-score reweighting (off, as the official code)")
     p.add_argument("--reweight-k", type=int, default=9, help="size of the neighbourhood N_b(m*) in Eq. 7")
     p.add_argument("--search", choices=SEARCHES, default="exact",
-                   help="nearest-neighbour search: exact, or FAISS IVF lists (approximate; faster on large banks)")
+                   help="nearest-neighbour search: exact, or FAISS IVF lists (approximate; faster on large banks); "
+                        "with --load the saved one, or if given an index of that kind rebuilt from the bank's patches")
     p.add_argument("--nprobe", type=int, default=None,
-                   help=f"IVF lists searched per query (default {NPROBE}, at most the bank's lists; with --load the saved "
-                        "value unless given)")
+                   help=f"IVF lists searched per query (--search ivf only; default {NPROBE}, at most the bank's lists; "
+                        "with --load the saved value unless given)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -705,10 +771,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DataLoader worker processes (default for this machine: 0 on <= 2 cores, else "
                         "min(8, cores - 1)); the same seed gives the same results for any number")
     p.add_argument("--split", default=None, help="split JSON from data.py: score only its evaluation images")
-    p.add_argument("--load", default=None, help="memory_bank folder (or run folder) to reuse instead of fitting")
+    p.add_argument("--load", default=None,
+                   help="memory_bank folder (or run folder) to reuse instead of fitting; its settings fix "
+                        f"{' '.join(map(flag, FIXED_BY_BANK))}, which may then not be given; "
+                        f"{' '.join(map(flag, SET_AT_LOAD))} act on it")
     p.add_argument("--save-maps", type=int, default=0, help="save overlays of the N highest-scoring images")
     p.add_argument("--out-dir", default=None, help="default: runs/patchcore/<category>")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # The names of the flags given on the command line (check_flags): argparse fills in a default only for a name
+    # the namespace lacks, so a second parse into one that holds every name with a marker leaves the others marked.
+    unset = object()
+    given = p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    args.explicit = sorted(k for k, v in vars(given).items() if v is not unset)
+    return args
 
 
 def main(argv=None) -> dict:

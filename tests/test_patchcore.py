@@ -222,8 +222,10 @@ def test_ivf_save_load_keeps_kind_and_nprobe(clustered, tmp_path):
     (tmp_path / "old").mkdir()
     patchcore.NearestNeighbours(bank, CPU).save(tmp_path / "old" / "index.faiss")
     data.write_json(tmp_path / "old" / "settings.json", {k: v for k, v in raw.items() if k not in ("search", "nprobe")})
-    old = patchcore.MemoryBank.load(tmp_path / "old", CPU, nprobe=2)
+    old = patchcore.MemoryBank.load(tmp_path / "old", CPU)
     assert (old.settings.search, old.settings.nprobe, old.nn.kind) == ("exact", None, "exact")
+    with pytest.raises(data.DataError, match="--nprobe applies to IVF search only, and the memory bank in .*old is"):
+        patchcore.MemoryBank.load(tmp_path / "old", CPU, nprobe=2)  # an exact search would ignore it
 
 
 def test_ivf_bad_nprobe_and_too_small_bank(clustered):
@@ -387,7 +389,9 @@ def test_main_writes_results_and_load_reuses_the_bank(synth_root, tmp_path):
     assert saved["device_info"]["device"] == ran_on and saved["device_info"]["torch"] == torch.__version__
     assert saved["device_info"]["faiss_gpu"] is (ran_on != "cpu" and patchcore.faiss.get_num_gpus() > 0)
     assert saved["args"]["precision"] == "mixed" and saved["args"]["workers"] == data.default_workers()
-    again = patchcore.main(args[:-2] + ["--out-dir", str(tmp_path / "again"), "--load", str(out)])
+    # --load: the bank brings backbone and image size (giving them ends the run, see test_load_refuses_...)
+    load = args[:4] + args[8:-2] + ["--out-dir", str(tmp_path / "again"), "--load", str(out)]
+    again = patchcore.main(load)
     with open(tmp_path / "again" / "scores.csv") as f:
         assert [r["score"] for r in csv.DictReader(f)] == [r["score"] for r in rows]
     assert again["image_auroc"] == m["image_auroc"]
@@ -412,7 +416,7 @@ def test_main_ivf_records_the_search_and_scores_as_exact_search_does(synth_root,
     np.testing.assert_allclose(scores["ivf"], scores["exact"], rtol=1e-4)
     assert ivf["image_auroc"] == exact["image_auroc"]
     # --load keeps the saved IVF index; --nprobe may change its nprobe (no retraining)
-    again = patchcore.main(base + ["--load", str(tmp_path / "ivf"), "--nprobe", "4", "--out-dir", str(tmp_path / "a")])
+    again = patchcore.main(base[:4] + ["--load", str(tmp_path / "ivf"), "--nprobe", "4", "--out-dir", str(tmp_path / "a")])
     assert (again["settings"]["search"], again["settings"]["nprobe"], again["ivf_lists"]) == ("ivf", 4, 13)
     # Bad input: one sentence, no out dir (nprobe's upper bound and the bank's size are known after fitting only)
     bad = ["--search", "ivf", "--out-dir", str(tmp_path / "bad")]
@@ -423,6 +427,85 @@ def test_main_ivf_records_the_search_and_scores_as_exact_search_does(synth_root,
     with pytest.raises(SystemExit, match="needs a memory bank of at least 78 patches .* has 51; use --search exact"):
         patchcore.main(base[:-1] + ["0.05"] + bad)
     assert not (tmp_path / "bad").exists() and list(tmp_path.glob(".bad*")) == []
+
+
+def read_score_column(run_dir):
+    with open(run_dir / "scores.csv") as f:
+        return np.array([float(r["score"]) for r in csv.DictReader(f)])
+
+
+def test_load_with_search_rebuilds_the_index_so_exact_and_ivf_compare_on_one_bank(synth_root, tmp_path):
+    base = ["--data-root", str(synth_root), "--category", "washer"]
+    fit = base + ["--backbone", "efficientnet_lite0", "--image-size", "64", "--coreset-ratio", "0.5"]  # 512 patches
+    exact = patchcore.main(fit + ["--out-dir", str(tmp_path / "exact")])
+    patchcore.main(fit + ["--search", "ivf", "--out-dir", str(tmp_path / "ivf")])
+    banks = {name: patchcore.MemoryBank.load(tmp_path / name, CPU).nn for name in ("exact", "ivf")}
+    rows = {name: nn.vectors(np.arange(len(nn))) for name, nn in banks.items()}
+    assert np.array_equal(rows["exact"], rows["ivf"])  # one seeded coreset, saved in two kinds of index
+    # The exact bank with --search ivf: IVF lists of its rows, the seeded k-means a fit with --search ivf builds
+    as_ivf = patchcore.main(base + ["--load", str(tmp_path / "exact"), "--search", "ivf",
+                                    "--out-dir", str(tmp_path / "as-ivf")])
+    saved = json.loads((tmp_path / "as-ivf" / "metrics.json").read_text())
+    assert (saved["settings"]["search"], saved["settings"]["nprobe"], saved["ivf_lists"]) == ("ivf", 13, 13)
+    assert (saved["args"]["search"], saved["args"]["nprobe"]) == ("ivf", 13)  # what ran, not the parser's None
+    ran = patchcore.MemoryBank.load(tmp_path / "as-ivf", CPU).nn  # the index that ran, saved with the run
+    centroids = lambda nn: nn.cpu.quantizer.reconstruct_n(0, nn.n_lists)  # (13, 1024)
+    assert ran.kind == "ivf" and np.array_equal(centroids(ran), centroids(banks["ivf"]))
+    # All 13 lists probed: exact search's scores up to float32 rounding (see test_main_ivf_records_...)
+    np.testing.assert_allclose(read_score_column(tmp_path / "as-ivf"), read_score_column(tmp_path / "ivf"), rtol=1e-6)
+    np.testing.assert_allclose(read_score_column(tmp_path / "as-ivf"), read_score_column(tmp_path / "exact"), rtol=1e-4)
+    assert as_ivf["image_auroc"] == pytest.approx(exact["image_auroc"], abs=1e-9)
+    # The IVF bank with --search exact: a flat index of its rows scores as a fresh exact search of the same bank
+    as_exact = patchcore.main(base + ["--load", str(tmp_path / "ivf"), "--search", "exact",
+                                      "--out-dir", str(tmp_path / "as-exact")])
+    assert (as_exact["settings"]["search"], as_exact["settings"]["nprobe"], as_exact["ivf_lists"]) == ("exact", None, None)
+    assert (as_exact["args"]["search"], as_exact["args"]["nprobe"]) == ("exact", None)
+    assert patchcore.MemoryBank.load(tmp_path / "as-exact", CPU).nn.kind == "exact"
+    np.testing.assert_allclose(read_score_column(tmp_path / "as-exact"), read_score_column(tmp_path / "exact"),
+                               rtol=1e-6)
+    # --nprobe where the search is exact would be ignored: one sentence, no out dir
+    bad = ["--nprobe", "4", "--out-dir", str(tmp_path / "bad")]
+    with pytest.raises(SystemExit, match="--nprobe applies to IVF search only, and the memory bank in .* exactly here"):
+        patchcore.main(base + ["--load", str(tmp_path / "ivf"), "--search", "exact"] + bad)
+    with pytest.raises(SystemExit, match="--nprobe applies to IVF search only, and the memory bank in .* exactly here"):
+        patchcore.main(base + ["--load", str(tmp_path / "exact")] + bad)  # no --search: the bank's, exact
+    with pytest.raises(SystemExit, match="^error: --nprobe applies to --search ivf only; exact search probes no lists$"):
+        patchcore.main(fit + bad)
+    assert not (tmp_path / "bad").exists() and list(tmp_path.glob(".bad*")) == []
+
+
+def test_load_refuses_flags_its_bank_fixes_and_records_the_banks_settings(synth_root, tmp_path):
+    # Every setting of a bank is either fixed by it or set by a flag at --load: a new Settings field must be sorted
+    fixed, at_load = set(patchcore.FIXED_BY_BANK), set(patchcore.SET_AT_LOAD)
+    assert not fixed & at_load and fixed | at_load == {f.name for f in dataclasses.fields(patchcore.Settings)}
+    base = ["--data-root", str(synth_root), "--category", "weave"]
+    patchcore.main(base + ["--backbone", "efficientnet_lite0", "--image-size", "64", "--out-dir", str(tmp_path / "fit")])
+    load = base + ["--load", str(tmp_path / "fit")]
+    bad = ["--out-dir", str(tmp_path / "bad")]
+    with pytest.raises(SystemExit, match=r"^error: --backbone cannot be given with --load: the memory bank in .*fit "
+                                         r"fixes it \(fit a new bank instead\)$"):
+        patchcore.main(load + bad + ["--backbone", "resnet18"])
+    # Given at all counts, even with the bank's own value or abbreviated (argparse's --image for --image-size)
+    with pytest.raises(SystemExit, match=r"^error: --image-size, --seed cannot be given with --load: .* fixes them"):
+        patchcore.main(load + bad + ["--seed", "0", "--image", "64"])
+    with pytest.raises(SystemExit, match="--reweight-k applies with --reweight only, and the memory bank in .*fit was"):
+        patchcore.main(load + bad + ["--reweight-k", "3"])  # fitted without Eq. 7: k would be ignored
+    with pytest.raises(SystemExit, match="^error: --reweight-k applies with --reweight only"):
+        patchcore.main(base + ["--image-size", "64", "--reweight-k", "3"] + bad)
+    assert not (tmp_path / "bad").exists() and list(tmp_path.glob(".bad*")) == []
+    # A --load run records the bank's settings as its args, not the parser's defaults (wide_resnet50_2, 512 px)
+    patchcore.main(load + ["--out-dir", str(tmp_path / "again")])
+    args = json.loads((tmp_path / "again" / "metrics.json").read_text())["args"]
+    assert (args["backbone"], args["image_size"], args["layers"], args["search"], args["coreset_ratio"]) == \
+        ("efficientnet_lite0", 64, list(backbones.default_layers("efficientnet_lite0")), "exact", 0.1)
+    assert args["explicit"] == ["category", "data_root", "load", "out_dir"]
+    # Eq. 7 acts at scoring time, so --reweight acts on a loaded bank: every score becomes (1 - w) s*, 0 < w < 1
+    # (w is often below float precision here: these distances are ~100 and differ by tens, so exp(d* - d) vanishes)
+    weighted = patchcore.main(load + ["--reweight", "--reweight-k", "3", "--out-dir", str(tmp_path / "eq7")])
+    assert (weighted["settings"]["reweight"], weighted["settings"]["reweight_k"], weighted["args"]["reweight_k"]) == \
+        (True, 3, 3)
+    eq7, plain = read_score_column(tmp_path / "eq7"), read_score_column(tmp_path / "again")
+    assert np.all(eq7 <= plain) and (eq7 < plain).sum() >= 3
 
 
 def test_bad_inputs_exit_with_one_sentence_and_no_out_dir(synth_root, tmp_path, capsys, monkeypatch):
