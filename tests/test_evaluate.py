@@ -259,6 +259,7 @@ def test_open_set_study_scores_the_same_images_and_never_evaluates_its_normals(s
     (["--general-m", "99"], "--general-m 99 is larger than the 8 defect images of weave; choose M <= 8"),
     (["--hard-m", "two"], "--hard-m takes positive whole numbers"),
     (["--shard", "3/2"], "--shard takes K/N with 1 <= K <= N"),
+    (["--nprobe", "4"], "--nprobe applies to --search ivf only"),
 ])
 def test_open_set_bad_values_end_in_one_sentence_and_write_nothing(synth_root, tmp_path, flags, message):
     root = two_type_copy(synth_root, tmp_path / "data")
