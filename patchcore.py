@@ -556,11 +556,15 @@ def extract_features(train: Sequence[data.Sample], s: Settings, device: torch.de
 
 
 def fit(train: Sequence[data.Sample], s: Settings, device: torch.device, batch_size: int,
-        workers: int = 0) -> MemoryBank:
+        workers: int = 0, laps: Laps | None = None) -> MemoryBank:
     """Extract the patch features of every training image and keep a greedy coreset of them as the memory bank."""
+    laps = laps or Laps()
     features, z = extract_features(train, s, device, batch_size, workers)  # (N, D), (N, 128)
+    laps.lap("features")
     idx = greedy_coreset(z, s.coreset_ratio, s.seed)  # (M,)
+    laps.lap("coreset")
     nn = NearestNeighbours(features[idx.cpu()].float().numpy(), device, s.search, s.nprobe, s.seed)
+    laps.lap("index")
     return MemoryBank(replace(s, nprobe=nn.cpu.nprobe if nn.kind == "ivf" else None), nn)  # the nprobe used
 
 
@@ -676,7 +680,7 @@ def run(args: argparse.Namespace) -> dict:
 
     with data.atomic_dir(out_dir) as tmp:
         # Fit: features of train/good -> coreset memory bank (or reuse a saved one)
-        t0 = time.perf_counter()
+        t0, fit_laps = time.perf_counter(), Laps()
         if args.load:  # its feature pipeline is fixed (check_flags); --search, --nprobe, --reweight(-k) may act
             bank = load_bank(args, device)
             print(f"loaded memory bank of {len(bank.nn)} patches from {args.load} ({bank.settings.backbone}, "
@@ -686,7 +690,7 @@ def run(args: argparse.Namespace) -> dict:
                                 args.image_size, args.center_crop, args.patch_size, args.pretrain_dim,
                                 args.target_dim, args.coreset_ratio, args.reweight, args.reweight_k, args.seed,
                                 args.search, args.nprobe)
-            bank = fit(train, settings, device, args.batch_size, args.workers)
+            bank = fit(train, settings, device, args.batch_size, args.workers, fit_laps)
         fit_seconds = time.perf_counter() - t0
         args = used_args(args, bank.settings)  # recorded below: the settings that ran, not the parser's defaults
         print(f"fit: {len(bank.nn)} patches in the memory bank, {fit_seconds:.1f} s, search {bank.nn.kind}"
@@ -714,6 +718,7 @@ def run(args: argparse.Namespace) -> dict:
                        device_info=backbones.device_info(device, faiss_gpu=bank.nn.index is not bank.nn.cpu))
         metrics["ivf_lists"] = bank.nn.n_lists  # beside settings' search and nprobe; None for exact search
         metrics["ms_per_image_by_phase"] = {k: 1000 * v / len(test) for k, v in laps.seconds.items()}
+        metrics["fit_seconds_by_phase"] = fit_laps.seconds or None  # features, coreset, index (None: --load)
 
         # Write: scores.csv (and the held-out normals' heldout_scores.csv), metrics.json, the memory bank, overlays
         data.write_scores(tmp / "scores.csv", test, scores)

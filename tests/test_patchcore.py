@@ -383,6 +383,9 @@ def test_main_writes_results_and_load_reuses_the_bank(synth_root, tmp_path):
         assert key in saved
     assert saved["image_auroc"] == m["image_auroc"] and saved["threshold"] is not None
     assert sum(saved["ms_per_image_by_phase"].values()) <= saved["ms_per_image"]  # phases of the timed scoring
+    fit_phases = saved["fit_seconds_by_phase"]
+    assert list(fit_phases) == ["features", "coreset", "index"] and min(fit_phases.values()) > 0
+    assert sum(fit_phases.values()) <= saved["fit_seconds"]  # phases of the timed fit
     assert len(list((out / "maps").glob("*.png"))) == 3
     assert (out / "memory_bank" / "index.faiss").is_file()
     ran_on = "cpu" if backbones.cuda_problem() else "cuda:0"  # what --device auto chose, with the GPU's index
