@@ -1,10 +1,15 @@
 """The supervised side of the study: fine-tune an ImageNet-pretrained CNN as a normal-vs-defect image classifier.
 
 Trains on train/good plus the few defect images a split allows, picks the epoch and a deployable threshold on
-training-side validation images, then scores the evaluation images (defect probability + Grad-CAM map).
+training-side validation images, then scores the evaluation images (defect probability + Grad-CAM map). With
+--synthetic cutpaste, CutPaste defects made from the normal images (cutpaste.py) join the defect class, so a split
+with no labelled anomaly at all (data.py split --scenario general --k 0) can train a classifier too.
 
     python data.py synth --out /tmp/s --size 128
     python classify.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128 --epochs 5
+    python data.py split --data-root /tmp/s --category weave --scenario general --k 0 --out /tmp/g0.json  # no label
+    python classify.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128 --epochs 5 \\
+        --split /tmp/g0.json --synthetic cutpaste
     python classify.py --data-root ~/mvtec --category bottle        # EfficientNet-B1 at 512 px, on a GPU
 """
 from __future__ import annotations
@@ -14,7 +19,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 import backbones
+import cutpaste
 import data
 from metrics import compute_metrics, image_auroc, normal_threshold, operating_point
 
@@ -39,13 +45,14 @@ JITTER = 0.1                # brightness and contrast factors in [1 - JITTER, 1 
 # Categories whose mirror image is a defect: metal_nut's "flip" type is a mirrored nut, cable_swap swaps the colour
 # order, a mirrored screw has a left-hand thread, transistor/capsule/pill carry orientation or print. No flips there.
 MIRROR_SENSITIVE = ("metal_nut", "cable", "screw", "transistor", "capsule", "pill")
-BN_MOMENTUM = 0.1  # Lite0's TensorFlow-style 0.01 lets BN running stats lag far behind during a short fine-tune
+BN_MOMENTUM = 0.1  # the Lite models' TensorFlow-style 0.01 lets BN running stats lag far behind during a short fine-tune
 # Convolutions run about 20% faster in channels-last layout on a CPU (oneDNN) and use tensor cores on a GPU;
 # the model and every batch are converted, the maths is the same.
 MEMORY_FORMAT = torch.channels_last
 TABLE_KEYS = ("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1_max", "threshold",
               "recall_at_threshold", "fpr_at_threshold", "best_epoch", "val_auroc", "train_seconds", "ms_per_image",
-              "n_train_images", "n_train_defects", "params_millions")  # the final table printed by run()
+              "n_train_images", "n_train_defects", "n_train_synthetic",
+              "params_millions")  # the final table printed by run()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,7 +76,8 @@ def validation_split(train_good: Sequence[data.Sample], train_defects: Sequence[
     Only training-side images: the evaluation images are never seen before the final scoring. A type's last
     training defect is never taken, so every type the split lists is trained on. If the 1-in-4 rule gives no
     validation defect, one is taken from the largest type that has 2 or more; if none has (a single training
-    defect, or k=1 per type), val has no defect and the last epoch is kept (see select_epoch).
+    defect, or k=1 per type), val has no real defect: without --synthetic cutpaste, the last epoch is kept (see
+    select_epoch); with it, the synthetic validation defects choose the epoch.
     """
     fit, val = [], list(heldout_good)
     rng = np.random.default_rng([seed, *b"val/good"])
@@ -124,6 +132,35 @@ class Augment:
         image = TF.center_crop(image, [s, s])  # -> (s, s)
         image = TF.adjust_brightness(image, 1 + (2 * u[5] - 1) * JITTER)
         return TF.adjust_contrast(image, 1 + (2 * u[6] - 1) * JITTER)
+
+
+def synthetic_items(samples: Sequence[data.Sample], mode: str) -> list[data.Sample]:
+    """--synthetic cutpaste: one defect-labelled copy of every normal image of samples, in order ([] for none). Each
+    copy becomes a new synthetic defect every epoch (SyntheticDefects); it has no mask."""
+    if mode == "none":
+        return []
+    return [replace(s, label=1, defect_type="cutpaste") for s in samples if s.label == 0]
+
+
+class SyntheticDefects:
+    """The images of a list `real + synthetic_items(real)`: items from index `first` on become synthetic defects.
+
+    Each item first passes through `augment` (the label-preserving Augment for training, None for validation), then,
+    if synthetic, through cutpaste.synthetic_defect at the model's input size. Like Augment, a pure function of
+    (seed, epoch, index): the same images for any number of loader workers. Validation loaders never set an epoch
+    (epoch 0), so the synthetic validation defects are the same every epoch, and differ from every training one.
+    """
+
+    def __init__(self, image_size: int, seed: int, first: int, augment: Augment | None = None):
+        self.image_size, self.seed, self.first, self.augment = image_size, seed, first, augment
+
+    def __call__(self, image: Image.Image, epoch: int, index: int) -> Image.Image:
+        if self.augment is not None:
+            image = self.augment(image, epoch, index)
+        if index < self.first:
+            return image
+        image = image.resize((self.image_size, self.image_size), Image.BILINEAR)  # a copy if Augment already resized
+        return cutpaste.synthetic_defect(image, self.seed, epoch, index).image
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,13 +264,22 @@ def select_epoch(history: list[dict]) -> int:
 
 def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Sequence[data.Sample],
         args: argparse.Namespace, device: torch.device) -> tuple[dict, list[dict]]:
-    """Fine-tune (or linear-probe) the model; returns the state dict of the best epoch and the per-epoch history."""
+    """Fine-tune (or linear-probe) the model; returns the state dict of the best epoch and the per-epoch history.
+
+    --synthetic cutpaste: every normal fit image also trains as a new synthetic defect each epoch, and every
+    validation normal validates as one fixed synthetic defect too (SyntheticDefects), beside the real images."""
     mean, std = backbones.normalization(args.backbone)
     flips = args.flips == "both" or (args.flips == "auto" and args.category not in MIRROR_SENSITIVE)
     augment = Augment(args.image_size, flips, args.seed)
-    loader = data.make_loader(fit_samples, args.image_size, mean, std, args.batch_size, augment=augment,
+    train_items = [*fit_samples, *synthetic_items(fit_samples, args.synthetic)]  # fit_samples alone with none
+    if len(train_items) > len(fit_samples):
+        augment = SyntheticDefects(args.image_size, args.seed, len(fit_samples), augment)
+    val_items = [*val_samples, *synthetic_items(val_samples, args.synthetic)]
+    val_augment = SyntheticDefects(args.image_size, args.seed, len(val_samples)) \
+        if len(val_items) > len(val_samples) else None
+    loader = data.make_loader(train_items, args.image_size, mean, std, args.batch_size, augment=augment,
                               shuffle=True, seed=args.seed, cache=True, device=device, workers=args.workers)
-    weights = class_weights([s.label for s in fit_samples]).to(device)
+    weights = class_weights([s.label for s in train_items]).to(device)
     if args.freeze_trunk:
         model.requires_grad_(False)
         head_of(model).requires_grad_(True)
@@ -246,15 +292,15 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     # float16 needs loss scaling against underflow; bfloat16 and float32 do not (the scaler is then a no-op).
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device, args.precision) == torch.float16)
-    val_labels = np.array([s.label for s in val_samples])
+    val_labels = np.array([s.label for s in val_items])
     history, best_state, best = [], None, -1
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
         loader.sampler.set_epoch(epoch)  # this epoch's shuffle and augmentations (data.EpochSampler)
         loss = train_epoch(model, loader, optimizer, scheduler, scaler, weights, device,
                            f"epoch {epoch}/{args.epochs}", args.freeze_trunk, args.precision)
-        d, _, _ = predict(model, val_samples, args.backbone, args.image_size, device, args.batch_size,
-                          precision=args.precision, workers=args.workers)
+        d, _, _ = predict(model, val_items, args.backbone, args.image_size, device, args.batch_size,
+                          precision=args.precision, workers=args.workers, augment=val_augment)
         # Validation loss, balanced over the two classes: CE of a 2-class softmax is softplus(-d) for a defect and
         # softplus(d) for a normal image, d the log-odds.
         ce = np.logaddexp(0, np.where(val_labels == 1, -d, d))  # (N_val,)
@@ -309,13 +355,13 @@ def grad_cam(model: nn.Module, cam_layer: nn.Module, images: torch.Tensor,
 
 def predict(model: nn.Module, samples: Sequence[data.Sample], backbone: str, image_size: int, device: torch.device,
             batch_size: int, cam_layer: nn.Module | None = None, precision: str = "mixed",
-            workers: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+            workers: int = 0, augment=None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Defect log-odds (N,) (float32 values, as float64), Grad-CAM maps (N, S, S) (None without cam_layer) and
     masks (N, S, S) of samples. Eval mode: every image is scored on its own, so the results do not depend on the
-    batch size."""
+    batch size. augment(image, 0, index): only SyntheticDefects, to score the fixed synthetic validation defects."""
     model.eval()
-    loader = data.make_loader(samples, image_size, *backbones.normalization(backbone), batch_size, cache=True,
-                              device=device, workers=workers)
+    loader = data.make_loader(samples, image_size, *backbones.normalization(backbone), batch_size, augment=augment,
+                              cache=True, device=device, workers=workers)
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # Grad-CAM needs dd/dA only: no graph through the trunk's weights
     log_odds, maps, masks = [], [], []
@@ -383,9 +429,10 @@ def run(args: argparse.Namespace) -> dict:
     split = load_split(args, test)
     train_defects, heldout_good, eval_samples = data.apply_split(test, split, train_good)
     train_good = data.without_heldout(train_good, heldout_good)  # open-set protocol: its normals held out of train/good
-    if not train_defects:
+    if not train_defects and args.synthetic == "none":
         raise data.DataError(f"the split gives the classifier no defect image of {args.category} to train on; a "
-                             f"supervised classifier cannot learn the defect class without examples (use k >= 1)")
+                             f"supervised classifier cannot learn the defect class without examples (use k >= 1, "
+                             f"or --synthetic cutpaste)")
     fit_samples, val_samples = validation_split(train_good, train_defects, heldout_good, args.seed)
     model, cam_layer = backbones.classifier(args.backbone, args.weights, num_classes=2)
     for m in model.modules():
@@ -393,9 +440,13 @@ def run(args: argparse.Namespace) -> dict:
             m.momentum = BN_MOMENTUM
     model.to(device, memory_format=MEMORY_FORMAT)
     out_dir = Path(args.out_dir or f"runs/classify/{args.category}")
-    n_fit_defects = sum(s.label for s in fit_samples)
+    n_fit_defects = sum(s.label for s in fit_samples)  # real labelled anomalies; synthetic ones are counted apart
+    n_synthetic = {k: len(synthetic_items(v, args.synthetic)) for k, v in (("fit", fit_samples), ("val", val_samples))}
     print(f"{args.category}: training on {len(fit_samples)} images ({n_fit_defects} defects), validating on "
           f"{len(val_samples)} ({sum(s.label for s in val_samples)} defects), evaluating {len(eval_samples)}")
+    if args.synthetic != "none":
+        print(f"{args.synthetic}: + {n_synthetic['fit']} synthetic defects in training (new each epoch), "
+              f"+ {n_synthetic['val']} in validation (the same each epoch)")
 
     with data.atomic_dir(out_dir) as tmp:
         # Train: fine-tune, keep the epoch with the best validation AUROC
@@ -426,6 +477,8 @@ def run(args: argparse.Namespace) -> dict:
                        best_epoch=best["epoch"], val_auroc=best["val_auroc"], train_seconds=train_seconds,
                        ms_per_image=ms_per_image, n_train_images=len(fit_samples), n_train_defects=n_fit_defects,
                        n_val_images=len(val_samples), n_val_defects=sum(s.label for s in val_samples),
+                       synthetic=args.synthetic, n_train_synthetic=n_synthetic["fit"],
+                       n_val_synthetic=n_synthetic["val"],
                        params_millions=backbones.count_params(model) / 1e6, peak_rss_mb=data.peak_rss_mb(),
                        history=history, args=data.recorded_args(args), device_info=device_info,
                        run_info=data.run_info())
@@ -476,6 +529,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "min(8, cores - 1)); the same seed gives the same results for any number")
     p.add_argument("--split", default=None,
                    help="split JSON from data.py; without one: all-types with the whole pool, for this --seed")
+    p.add_argument("--synthetic", choices=("none", "cutpaste"), default="none",
+                   help="cutpaste: every normal training image is also a new synthetic defect each epoch (CutPaste "
+                        "or scar, 50/50; cutpaste.py), and every validation normal a fixed one; a split without "
+                        "labelled anomalies is then allowed")
     p.add_argument("--save-maps", type=int, default=0, help="save Grad-CAM overlays of the N highest-scoring images")
     p.add_argument("--out-dir", default=None, help="default: runs/classify/<category>")
     return p.parse_args(argv)

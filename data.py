@@ -390,10 +390,12 @@ def heldout_train_good(train: Sequence[Sample], seed: int) -> list[Sample]:
     return [group[i] for i in sorted(rng.permutation(len(group))[:n])]
 
 
-def check_m(m, what: str) -> int:
-    """M of the open-set protocol: a positive whole number, or one sentence."""
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise DataError(f"{what} must be a positive whole number of labelled anomalies, got {m!r} (e.g. 1 or 10)")
+def check_m(m, what: str, minimum: int = 1) -> int:
+    """M of the open-set protocol: a whole number >= minimum (1, or 0 where no labelled anomaly is a valid split),
+    or one sentence."""
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < minimum:
+        kind, examples = ("positive", "1 or 10") if minimum > 0 else ("non-negative", "0, 1 or 10")
+        raise DataError(f"{what} must be a {kind} whole number of labelled anomalies, got {m!r} (e.g. {examples})")
     return int(m)
 
 
@@ -401,10 +403,11 @@ def open_set_split(train: Sequence[Sample], test: Sequence[Sample], category: st
                    m: int, known: str | None = None) -> dict:
     """The classifier's M labelled anomalies and the evaluation set of DRA's general or hard scenario (relative
     paths). Draws are seeded by (seed, scenario[, known type]); a smaller M takes the first images of a larger M's
-    draw. PatchCore trains on no test image, so one PatchCore run per seed scores every evaluation set."""
+    draw. PatchCore trains on no test image, so one PatchCore run per seed scores every evaluation set. general
+    allows M = 0 (no labelled anomaly: classify.py --synthetic cutpaste); hard needs M >= 1 (its known type)."""
     if scenario not in OPEN_SET_SCENARIOS:
         raise DataError(f"unknown open-set scenario '{scenario}' (expected one of {', '.join(OPEN_SET_SCENARIOS)})")
-    m = check_m(m, "--general-m" if scenario == "general" else "--hard-m")
+    m = check_m(m, "--general-m", minimum=0) if scenario == "general" else check_m(m, "--hard-m")
     defects = sorted((s for s in test if s.label == 1), key=lambda s: s.rel)  # independent of input order
     types = sorted({s.defect_type for s in defects})
     if scenario == "general":

@@ -11,8 +11,10 @@ from torch import nn
 
 import backbones
 import classify
+import cutpaste
 import data
 from conftest import truncated_copy
+from metrics import normal_threshold
 
 TINY = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "2", "--batch-size", "8",
         "--device", "cpu"]
@@ -29,6 +31,24 @@ def tiny_run(synth_root, tmp_path_factory):
     """One 2-epoch run on the 64 px weave (8 training defects), shared by the tests that inspect its outputs."""
     out = tmp_path_factory.mktemp("classify") / "weave"
     metrics = classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY, "--out-dir", str(out)])
+    return out, metrics
+
+
+def general_split(root, category: str, m: int, path) -> str:
+    """Write DRA's general split with M labelled anomalies (M=0: none) for seed 0; return its path."""
+    train, test = data.load_category(root, category)
+    data.write_split(data.open_set_split(train, test, category, 0, "general", m), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def zero_label_run(synth_root, tmp_path_factory):
+    """A 2-epoch --synthetic cutpaste run on the 64 px weave with no labelled anomaly (general, M=0)."""
+    tmp = tmp_path_factory.mktemp("zero_label")
+    out = tmp / "weave"
+    split = general_split(synth_root, "weave", 0, tmp / "general-0.json")
+    metrics = classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY, "--split", split,
+                             "--synthetic", "cutpaste", "--out-dir", str(out)])
     return out, metrics
 
 
@@ -124,6 +144,49 @@ def test_checkpoint_reload_gives_the_same_scores_and_image_sized_maps(tiny_run, 
     assert np.allclose(maps1, maps[:3], rtol=1e-4, atol=1e-6)
 
 
+def test_zero_label_run_trains_and_validates_on_no_real_anomaly(zero_label_run, synth_root):
+    out, metrics = zero_label_run
+    sets = json.loads((out / "images.json").read_text())
+    assert sets["split"]["train_defects"] == [] and sets["train"] and sets["val"]
+    assert all(r.startswith("train/good/") for r in sets["train"] + sets["val"])  # no real anomaly, no test image
+    _, test = data.load_category(synth_root, "weave")
+    assert set(sets["eval"]) == {s.rel for s in test}  # general, M=0: every test image is evaluated
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["synthetic"] == "cutpaste" and saved["n_train_defects"] == saved["n_val_defects"] == 0
+    assert saved["n_train_synthetic"] == len(sets["train"]) and saved["n_val_synthetic"] == len(sets["val"])
+    assert all(h["val_auroc"] is not None for h in saved["history"])  # synthetic validation defects pick the epoch
+
+
+def test_zero_label_threshold_comes_from_the_validation_normals_only(zero_label_run):
+    out, metrics = zero_label_run
+    paths, labels, types, scores = data.read_scores(out / "heldout_scores.csv")
+    val = json.loads((out / "images.json").read_text())["val"]
+    assert sorted(paths) == sorted(val) and (labels == 0).all() and set(types) == {"good"}  # no synthetic image
+    assert metrics["threshold"] == pytest.approx(normal_threshold(scores), rel=1e-8)
+
+
+def test_real_anomalies_and_synthetic_defects_train_and_validate_together(synth_root, tmp_path):
+    split = general_split(synth_root, "weave", 1, tmp_path / "general-1.json")
+    metrics = classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY, "--epochs", "1",
+                             "--split", split, "--synthetic", "cutpaste", "--out-dir", str(tmp_path / "out")])
+    sets = json.loads((tmp_path / "out" / "images.json").read_text())
+    real = [r for r in sets["train"] if r.startswith("test/")]
+    assert real == sets["split"]["train_defects"] and metrics["n_train_defects"] == 1  # M=1: it trains
+    assert metrics["n_val_defects"] == 0 and metrics["n_val_synthetic"] == len(sets["val"])  # every val normal
+    assert metrics["n_train_synthetic"] == len(sets["train"]) - 1  # one per normal training image
+    assert metrics["val_auroc"] is not None  # M=1 no longer keeps the last epoch blindly
+
+
+def test_zero_label_classifier_ranks_defects_above_good_images(synth_root_128, tmp_path):
+    """Synthetic defects instead of labels, on the 128 px weave: far better than chance (0.95 when written)."""
+    split = general_split(synth_root_128, "weave", 0, tmp_path / "general-0.json")
+    metrics = classify.main(["--data-root", str(synth_root_128), "--category", "weave", "--backbone",
+                             "efficientnet_lite0", "--image-size", "128", "--epochs", "4", "--batch-size", "8",
+                             "--device", "cpu", "--split", split, "--synthetic", "cutpaste",
+                             "--out-dir", str(tmp_path / "weave")])
+    assert metrics["n_train_defects"] == 0 and metrics["image_auroc"] > 0.75, metrics["image_auroc"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: one sentence, non-zero exit, nothing written
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,6 +198,11 @@ def test_split_without_training_defects_is_refused(synth_root, tmp_path):
                                          r"cannot learn the defect class without examples"):
         classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY,
                        "--split", str(tmp_path / "split.json"), "--out-dir", str(out)])
+    general_0 = general_split(synth_root, "weave", 0, tmp_path / "general-0.json")
+    with pytest.raises(SystemExit, match=r"^error: the split gives the classifier no defect image of weave") as e:
+        classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY, "--split", general_0,
+                       "--synthetic", "none", "--out-dir", str(out)])
+    assert "\n" not in str(e.value.code) and "--synthetic cutpaste" in str(e.value.code)
     assert not (tmp_path / "runs").exists()
 
 
@@ -218,6 +286,33 @@ def test_augment_is_seeded_keeps_the_size_and_respects_flips():
 
     assert max(left_half_means(False)) < 40  # a small rotation and shift never bring the right half over
     assert 3 <= sum(v > 200 for v in left_half_means(True)) <= 13  # about half of the images are mirrored
+
+
+def test_synthetic_items_are_defect_copies_of_the_normals_and_none_adds_nothing(synth_root):
+    train, test = data.load_category(synth_root, "weave")
+    samples = [*train[:3], next(s for s in test if s.label == 1)]
+    assert classify.synthetic_items(samples, "none") == []  # --synthetic none: the training list is unchanged
+    copies = classify.synthetic_items(samples, "cutpaste")
+    assert [s.path for s in copies] == [s.path for s in train[:3]]  # one per normal image, in order
+    assert all(s.label == 1 and s.defect_type == "cutpaste" and s.mask_path is None for s in copies)
+    assert classify.class_weights([s.label for s in samples + copies]).tolist() == pytest.approx([7 / 6, 7 / 8])
+
+
+def test_synthetic_defects_come_after_the_augmentation_and_only_from_the_first_synthetic_index():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    augment = classify.Augment(64, True, seed=3)
+    train = classify.SyntheticDefects(64, seed=3, first=2, augment=augment)
+    for index in (0, 1):  # real items: the label-preserving augmentation alone
+        assert np.array_equal(np.asarray(train(image, 1, index)), np.asarray(augment(image, 1, index)))
+    expected = cutpaste.synthetic_defect(augment(image, 1, 2), 3, 1, 2).image  # at the model's size, after Augment
+    assert np.array_equal(np.asarray(train(image, 1, 2)), np.asarray(expected))
+    assert not np.array_equal(np.asarray(train(image, 2, 2)), np.asarray(expected))  # a new defect each epoch
+    val = classify.SyntheticDefects(64, seed=3, first=1)  # validation: no augmentation, the loader's epoch 0
+    resized = image.resize((64, 64), Image.BILINEAR)
+    assert val(resized, 0, 0) is resized  # a real validation image is untouched
+    assert np.array_equal(np.asarray(val(image, 0, 1)),
+                          np.asarray(cutpaste.synthetic_defect(resized, 3, 0, 1).image))
 
 
 def augmented_epochs(samples, workers: int, seed: int = 0, epochs: int = 2) -> list[tuple[list[int], torch.Tensor]]:

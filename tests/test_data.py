@@ -708,15 +708,26 @@ def test_open_set_draws_are_seeded_and_normals_come_from_train_good(loaded):
     assert not {s.rel for s in data.without_heldout(train, heldout)} & set(held)
 
 
+def test_general_with_no_labelled_anomaly_evaluates_every_test_image(loaded):
+    train, test = loaded["weave"]
+    zero = data.open_set_split(train, test, "weave", 0, "general", 0)  # for classify.py --synthetic cutpaste
+    assert zero["train_defects"] == [] and zero["k"] == 0
+    assert sorted(zero["eval"]) == sorted(s.rel for s in test)
+    assert zero["heldout_good"] == data.open_set_split(train, test, "weave", 0, "general", 1)["heldout_good"]
+
+
 def test_open_set_bad_input_is_one_sentence(loaded):
     train, test = loaded["weave"]
     n_defects = sum(s.label for s in test)
     with pytest.raises(data.DataError, match=rf"--general-m {n_defects + 1} is larger than the {n_defects} defect "
                                              rf"images of weave; choose M <= {n_defects}"):
         data.open_set_split(train, test, "weave", 0, "general", n_defects + 1)
-    for bad in (0, -1, 1.5, "3"):
-        with pytest.raises(data.DataError, match="must be a positive whole number"):
+    for bad in (-1, 1.5, "3"):
+        with pytest.raises(data.DataError, match="--general-m must be a non-negative whole number"):
             data.open_set_split(train, test, "weave", 0, "general", bad)
+    for bad in (0, -1, 1.5):  # the hard scenario's known type needs at least one labelled anomaly
+        with pytest.raises(data.DataError, match="--hard-m must be a positive whole number"):
+            data.open_set_split(train, test, "weave", 0, "hard", bad, known="stain")
     with pytest.raises(data.DataError, match="known type 'crack' is not a defect type of weave"):
         data.open_set_split(train, test, "weave", 0, "hard", 1, known="crack")
     one_type = [s for s in test if s.defect_type in ("good", "hole")]

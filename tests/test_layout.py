@@ -6,16 +6,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("data", "backbones", "metrics", "report", "patchcore", "classify", "evaluate", "select_models")
+SCRIPTS = ("data", "backbones", "metrics", "cutpaste", "report", "patchcore", "classify", "evaluate", "select_models")
 ALLOWED = {  # what each script may import from the project
     "data": set(),
     "metrics": {"data"},
     "backbones": {"data"},
+    "cutpaste": {"data"},
     "select_models": {"data"},
     "report": {"data", "metrics"},
     "patchcore": {"data", "backbones", "metrics"},
-    "classify": {"data", "backbones", "metrics"},
-    "evaluate": {"data", "backbones", "metrics", "report", "patchcore", "classify"},
+    "classify": {"data", "backbones", "metrics", "cutpaste"},
+    "evaluate": {"data", "backbones", "metrics", "cutpaste", "report", "patchcore", "classify"},
 }
 
 
