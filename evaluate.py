@@ -203,8 +203,8 @@ def run_study(args) -> None:
         split_file.parent.mkdir(parents=True, exist_ok=True)
         data.write_split(split, split_file)  # the seeded draw, listing every labelled and evaluation image
         call()
-        data.write_json(run_dir / "study.json", info)
         seconds.setdefault(info["method"], []).append(time.perf_counter() - t0)
+        data.write_json(run_dir / "study.json", {**info, "wall_seconds": seconds[info["method"]][-1]})
 
 
 def time_left(methods: list[str], seconds: dict[str, list[float]]) -> str:
