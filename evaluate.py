@@ -3,11 +3,14 @@
 For each category and scenario (all defect types seen, an unseen defect type, few-shot, and DRA's open-set general
 and hard protocol) it calls the public `run()` of both scripts; report.py then tabulates image AUROC, AP, F1-max,
 recall/FPR at a threshold fixed on normal images only, and pixel AUROC / AUPRO (all from metrics.py) into
-results.csv, report.md and plots. It is the only file that imports the two methods.
+results.csv, report.md and plots. It is the only file that imports the two methods. With --synthetic none,cutpaste
+the open-set scenarios also train the classifier with CutPaste synthetic defects (classify.py --synthetic
+cutpaste) on the same splits, with M = 0 real labels too: the study's third arm, "classifier + CutPaste".
 
-    python evaluate.py --demo                                      # synthetic data, every scenario, CPU, ~2 min
+    python evaluate.py --demo                                      # synthetic data, every scenario, CPU, ~3 min
     python evaluate.py --data-root ~/mvtec --categories bottle,screw --seeds 0,1,2 --out-dir runs/study   # GPU
     python evaluate.py --data-root ~/mvtec --categories pill --scenarios general,hard --out-dir runs/dra   # DRA's
+    python evaluate.py ... --scenarios general,hard --synthetic none,cutpaste --general-m 0,1,10   # + CutPaste arm
     python evaluate.py ... --out-dir runs/study --shard 2/4        # the 2nd of 4 parts (one per GPU or task)
     python evaluate.py --runs runs/study                           # rebuild tables and plots from saved runs
 """
@@ -33,12 +36,15 @@ import report
 # folder into a pool (the classifier may learn from its defects) and an evaluation part, and every run of that
 # (category, seed) is scored on evaluation parts only. Open-set protocol (general, hard; DRA's, the protocol of the
 # published tables): data.open_set_split draws M labelled anomalies and evaluates every other test image it keeps.
-# Either way PatchCore is scored on exactly the classifier's evaluation images.
+# Either way PatchCore is scored on exactly the classifier's evaluation images. The classifier's arms (--synthetic):
+# "none", labelled anomalies only, and "cutpaste", the same split plus CutPaste synthetic defects made from its normal
+# images (issue 21); an arm's run folder is the split's tag plus "-cutpaste", and it reads the same split file.
 # ----------------------------------------------------------------------------------------------------------------
 STUDY_SCENARIOS = ("all-types", "unseen-type", "few-shot", *data.OPEN_SET_SCENARIOS)
+SYNTHETIC = ("none", "cutpaste")  # classify.py --synthetic
 # The README's first command: synthetic data, EfficientNet-Lite0 for both methods (offline weights), 128 px, CPU.
 DEMO = dict(categories="weave,washer", scenarios=",".join(STUDY_SCENARIOS), seeds="0", k_values="1,2,4",
-            few_shot_k="1,2,4", unseen_k=4, general_m="4", hard_m="4", image_size=128,
+            few_shot_k="1,2,4", unseen_k=4, general_m="0,4", hard_m="4", synthetic="none,cutpaste", image_size=128,
             classifier_backbone="efficientnet_lite0", patchcore_backbone="efficientnet_lite0", epochs=5,
             batch_size=8, coreset_ratio=0.1)
 
@@ -87,32 +93,46 @@ def plan_splits(test, category: str, seed: int, args) -> list[dict]:
     return splits
 
 
-def parse_m(text: str, flag: str) -> list[int]:
-    """'1,10' -> [1, 10] for --general-m / --hard-m: positive whole numbers, or one sentence."""
+def parse_m(text: str, flag: str, zero: bool = False) -> list[int]:
+    """'1,10' -> [1, 10] for --general-m / --hard-m: positive whole numbers (0 too if `zero`), or one sentence."""
     try:
         values = [int(m) for m in str(text).split(",") if m.strip()]
     except ValueError:
         values = []
-    if not values or any(m < 1 for m in values):
-        raise data.DataError(f"{flag} takes positive whole numbers of labelled anomalies (e.g. 1,10), got '{text}'")
+    if not values or any(m < (0 if zero else 1) for m in values):
+        kind = "whole numbers (0 or more)" if zero else "positive whole numbers"
+        why = " (M = 0, no labelled anomaly, trains the CutPaste arm only: add --synthetic none,cutpaste)" \
+            if flag == "--general-m" and 0 in values and not zero else ""
+        raise data.DataError(f"{flag} takes {kind} of labelled anomalies (e.g. 1,10), got '{text}'{why}")
     return values
+
+
+def parse_synthetic(text: str) -> list[str]:
+    """'none,cutpaste' -> ['none', 'cutpaste']: the classifier's arms (classify.py --synthetic), or one sentence."""
+    arms = [a.strip() for a in str(text).split(",") if a.strip()]
+    if not arms or set(arms) - set(SYNTHETIC):
+        raise data.DataError(f"--synthetic takes a comma list of {', '.join(SYNTHETIC)} (e.g. none,cutpaste), "
+                             f"got '{text}'")
+    return [a for a in SYNTHETIC if a in arms]
 
 
 def plan_open_set(train, test, category: str, seed: int, args) -> list[dict]:
     """The classifier's splits of DRA's open-set protocol for one (category, seed): general-<M> for every M of
-    --general-m, hard-<type> for every defect type (M = --hard-m, fewer if the type has fewer)."""
-    splits = []
+    --general-m, hard-<type> for every defect type (M = --hard-m, fewer if the type has fewer). Each split lists
+    the arms (--synthetic) trained on it: general-0 has no labelled anomaly, so only the CutPaste arm."""
+    splits, arms = [], parse_synthetic(args.synthetic)
     if "general" in args.scenarios:
-        for m in sorted(set(parse_m(args.general_m, "--general-m"))):
+        for m in sorted(set(parse_m(args.general_m, "--general-m", zero="cutpaste" in arms))):
             split = data.open_set_split(train, test, category, seed, "general", m)
-            splits.append({**split, "tag": f"general-{m}", "role": "general"})
+            splits.append({**split, "tag": f"general-{m}", "role": "general",
+                           "arms": [a for a in arms if m > 0 or a != "none"]})
     if "hard" in args.scenarios:
         m = parse_m(args.hard_m, "--hard-m")
         if len(m) != 1:
             raise data.DataError(f"--hard-m takes one number (labelled anomalies of the known type), got '{args.hard_m}'")
         for t in sorted({s.defect_type for s in test} - {"good"}):
             split = data.open_set_split(train, test, category, seed, "hard", m[0], known=t)
-            splits.append({**split, "tag": f"hard-{t}", "role": "hard", "held_out": t})
+            splits.append({**split, "tag": f"hard-{t}", "role": "hard", "held_out": t, "arms": arms})
     return splits
 
 
@@ -131,9 +151,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
     """Every run of the study, in a fixed order: (run folder, study.json info, its split, the split's file, the
-    call). PatchCore once per (category, seed) and protocol, the classifier once per split; PatchCore's unseen-type,
-    general and hard results are its scores of the same images in its one run of that protocol (report.collect).
-    Bad input (folders, --seeds, --general-m, --hard-m) ends in one sentence here, before any folder is written."""
+    call). PatchCore once per (category, seed) and protocol, the classifier once per split and arm (the arms of a
+    split one after the other); PatchCore's unseen-type, general and hard results are its scores of the same images
+    in its one run of that protocol (report.collect). Bad input (folders, --seeds, --general-m, --hard-m,
+    --synthetic) ends in one sentence here, before any folder is written."""
     device = str(backbones.pick_device(args.device))  # resolved once: 'auto' without CUDA says why, once
     common = ["--data-root", str(args.data_root), "--image-size", str(args.image_size), "--device", device,
               "--precision", args.precision] + (["--workers", str(args.workers)] if args.workers is not None else [])
@@ -144,6 +165,9 @@ def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
         raise data.DataError(f"--seeds takes whole numbers, got '{args.seeds}'")
     pool = [s for s in args.scenarios if s not in data.OPEN_SET_SCENARIOS]
     open_set = [s for s in args.scenarios if s in data.OPEN_SET_SCENARIOS]
+    if pool and "none" not in parse_synthetic(args.synthetic):
+        raise data.DataError(f"the CutPaste arm runs in the open-set scenarios only; {', '.join(pool)} train the "
+                             f"plain classifier, so --synthetic must include none")
     jobs = []
     for category in categories:
         train, test = loaded[category]
@@ -164,47 +188,63 @@ def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
                              {**info, "method": "patchcore", "tag": tag, "role": role, "n_labelled": 0},
                              split, base / "splits" / f"{tag}.json",
                              lambda a=pc_args: patchcore.run(patchcore.parse_args(a))))
-            # The classifier: one training run per split
+            # The classifier: one training run per split and arm, every arm reading the split's one file
             splits = (plan_splits(test, category, seed, args) if pool else []) + \
                 plan_open_set(train, test, category, seed, args)
             for split in splits:
-                run_dir = base / "classify" / split["tag"]
-                cl_args = common + ["--category", category, "--backbone", args.classifier_backbone, "--seed",
-                                    str(seed), "--weights", args.classifier_weights or args.weights,
-                                    "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                                    "--split", str(base / "splits" / f"{split['tag']}.json"), "--out-dir", str(run_dir)]
-                jobs.append((run_dir, {**info, "method": "classifier", "tag": split["tag"], "role": split["role"],
-                                       "held_out": split["held_out"], "reference": split.get("reference"),
-                                       "n_labelled": len(split["train_defects"])},
-                             {k: v for k, v in split.items() if k not in ("tag", "role", "reference")},
-                             base / "splits" / f"{split['tag']}.json",
-                             lambda a=cl_args: classify.run(classify.parse_args(a))))
+                for arm in split.get("arms", ["none"]):  # the pool protocol: the plain classifier only
+                    tag = split["tag"] + ("" if arm == "none" else f"-{arm}")  # general-10, general-10-cutpaste
+                    run_dir = base / "classify" / tag
+                    cl_args = common + ["--category", category, "--backbone", args.classifier_backbone, "--seed",
+                                        str(seed), "--weights", args.classifier_weights or args.weights,
+                                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                                        "--split", str(base / "splits" / f"{split['tag']}.json"),
+                                        "--out-dir", str(run_dir)]
+                    cl_args += ["--synthetic", arm] if arm != "none" else []
+                    jobs.append((run_dir, {**info, "method": "classifier", "synthetic": arm, "tag": tag,
+                                           "role": split["role"], "held_out": split["held_out"],
+                                           "reference": split.get("reference"),
+                                           "n_labelled": len(split["train_defects"])},
+                                 {k: v for k, v in split.items() if k not in ("tag", "role", "reference", "arms")},
+                                 base / "splits" / f"{split['tag']}.json",
+                                 lambda a=cl_args: classify.run(classify.parse_args(a))))
     return jobs
+
+
+def shard_jobs(planned: list, k: int, n: int) -> list:
+    """The K-th of N disjoint parts of the planned runs: every N-th split file from the K-th, with every run that
+    reads it (a split's arms), so each split file is written by one process only. One run per split file (no
+    CutPaste arm): every N-th run, as before the arms."""
+    by_split = {}
+    for job in planned:
+        by_split.setdefault(job[3], []).append(job)  # the runs of one split are consecutive in the plan
+    return [job for jobs in list(by_split.values())[k - 1::n] for job in jobs]
 
 
 def run_study(args) -> None:
     """Run (or resume) this process's share of the planned runs. With --shard K/N it takes every N-th run from the
     K-th: N processes (one per GPU, or the tasks of a cluster job array) share one study folder, and no two ever
-    write the same run folder or split file (each split file belongs to one run)."""
+    write the same run folder or split file (each split file belongs to one process: the runs of its arms)."""
     k, n = parse_shard(args.shard)
     planned = plan_study(args)
-    jobs = planned[k - 1::n]
+    jobs = shard_jobs(planned, k, n)
     if n > 1:
         print(f"shard {k}/{n}: {len(jobs)} of the study's {len(planned)} runs")
-    seconds = {}  # method -> durations of the runs done in this call, for the estimate of the time left
+    seconds = {}  # method (classifier+cutpaste apart) -> durations of the runs done in this call, for the time left
     for i, (run_dir, info, split, split_file, call) in enumerate(jobs):
         if (run_dir / "metrics.json").is_file() and (run_dir / "study.json").is_file():
             print(f"[skip] {run_dir} exists")  # resumable: finished runs are kept
             continue
-        left = [j[1]["method"] for j in jobs[i:] if not (j[0] / "study.json").is_file()]
-        print(f"\n=== [{i + 1}/{len(jobs)}] {info['method']} {info['category']} seed {info['seed']} {info['tag']} "
+        method = report.method_of(info)
+        left = [report.method_of(j[1]) for j in jobs[i:] if not (j[0] / "study.json").is_file()]
+        print(f"\n=== [{i + 1}/{len(jobs)}] {method} {info['category']} seed {info['seed']} {info['tag']} "
               f"-> {run_dir}{time_left(left, seconds)}", flush=True)
         t0 = time.perf_counter()
         split_file.parent.mkdir(parents=True, exist_ok=True)
         data.write_split(split, split_file)  # the seeded draw, listing every labelled and evaluation image
         call()
-        seconds.setdefault(info["method"], []).append(time.perf_counter() - t0)
-        data.write_json(run_dir / "study.json", {**info, "wall_seconds": seconds[info["method"]][-1]})
+        seconds.setdefault(method, []).append(time.perf_counter() - t0)
+        data.write_json(run_dir / "study.json", {**info, "wall_seconds": seconds[method][-1]})
 
 
 def time_left(methods: list[str], seconds: dict[str, list[float]]) -> str:
@@ -237,6 +277,8 @@ def plot_heatmaps(study_dir: Path, shown: list[tuple[str, int, str, str]], data_
         base = study_dir / c / f"seed{seed}"
         pc_dir = base / "patchcore" / ("open-set" if scenario in data.OPEN_SET_SCENARIOS else "all")
         cl_dir = base / "classify" / tag
+        if not cl_dir.is_dir():  # a split trained by the CutPaste arm only (general-0, or --synthetic cutpaste)
+            cl_dir = base / "classify" / f"{tag}-cutpaste"
         if not (pc_dir / "memory_bank").is_dir() or not (cl_dir / "model.pt").is_file():
             print(f"heatmaps: no saved models for {c}, skipped")
             continue
@@ -285,6 +327,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--unseen-k", type=int, default=10, help="unseen-type: labelled defects per other type")
     p.add_argument("--general-m", default="1,10", help="general (DRA): labelled anomalies drawn from all defect images")
     p.add_argument("--hard-m", default="10", help="hard (DRA): labelled anomalies of the one known defect type")
+    p.add_argument("--synthetic", default="none",
+                   help="the classifier's arms in general and hard, comma-separated: none (labelled anomalies only), "
+                        "cutpaste (+ CutPaste synthetic defects, classify.py --synthetic cutpaste; its run folders "
+                        "end in -cutpaste; --general-m may then hold 0, trained by this arm only)")
     p.add_argument("--classifier-backbone", choices=backbones.BACKBONES, default="efficientnet_b1")
     p.add_argument("--patchcore-backbone", choices=backbones.BACKBONES, default="wide_resnet50_2")
     p.add_argument("--weights", default="imagenet",

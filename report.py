@@ -26,6 +26,23 @@ import metrics
 TABLE_METRICS = ("image_auroc", "average_precision", "f1_max", "recall_at_threshold", "fpr_at_threshold",
                  "pixel_auroc", "aupro")
 COST_METRICS = ("n_labelled", "train_seconds", "ms_per_image", "params_millions", "peak_rss_mb")
+# The classifier's arms (evaluate.py --synthetic): the plain classifier, and the same split trained with CutPaste
+# synthetic defects too (classify.py --synthetic cutpaste); each fused with PatchCore in its own fused detector.
+CLASSIFIERS = ("classifier", "classifier+cutpaste")
+LABELS = {"patchcore": "PatchCore", "classifier+cutpaste": "classifier + CutPaste",
+          "fused+cutpaste": "fused + CutPaste"}
+
+
+def label(method: str) -> str:
+    """A method's name in the report's tables: 'classifier + CutPaste' for classifier+cutpaste."""
+    return LABELS.get(method, method)
+
+
+def method_of(info: dict) -> str:
+    """The method of a run from its study.json: patchcore, classifier, or classifier+cutpaste (a classifier run with
+    synthetic defects; study.json before the arms has no 'synthetic': the plain classifier)."""
+    synthetic = info.get("synthetic", "none")
+    return info["method"] if synthetic == "none" else f"{info['method']}+{synthetic}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -38,9 +55,10 @@ class Scored:
     category: str
     seed: int
     scenario: str           # all-types, few-shot, unseen-type, seen-type; general, hard, open-set (DRA's protocol)
-    method: str             # patchcore, classifier, fused
-    tag: str                # the classifier's split (k5, unseen-hole-k5, general-10, hard-crack); PatchCore: all,
-                            # open-set, or in general/hard the tag of the classifier run whose images these are
+    method: str             # patchcore, classifier, classifier+cutpaste, fused, fused+cutpaste
+    tag: str                # the classifier's split (k5, unseen-hole-k5, general-10, hard-crack; the run folder
+                            # general-10-cutpaste is general-10 of classifier+cutpaste); PatchCore: all, open-set,
+                            # or in general/hard the tag of the classifier split whose images these are
     held_out: str | None    # seen-type / unseen-type: the defect type of the set (good + that type); hard: the one
                             # known type (the set is good + every other type)
     n_labelled: int
@@ -76,7 +94,9 @@ def load_run(run_dir: Path) -> tuple[dict, Scored, dict[str, float]]:
         if (run_dir / "heldout_scores.csv").is_file() else {}
     extra = {k: saved.get(k) for k in ("pixel_auroc", "aupro", "ms_per_image", "params_millions", "peak_rss_mb")}
     extra["train_seconds"] = saved.get("train_seconds", saved.get("fit_seconds"))
-    run = Scored(info["category"], info["seed"], info["role"], info["method"], info["tag"], info.get("held_out"),
+    method, synthetic = method_of(info), info.get("synthetic", "none")
+    tag = info["tag"].removesuffix(f"-{synthetic}") if synthetic != "none" else info["tag"]  # the split's tag
+    run = Scored(info["category"], info["seed"], info["role"], method, tag, info.get("held_out"),
                  info["n_labelled"], np.array(paths), labels, types, scores, saved.get("threshold"), extra)
     return info, run, heldout
 
@@ -86,10 +106,11 @@ def load_run(run_dir: Path) -> tuple[dict, Scored, dict[str, float]]:
 # those normal scores above their mean; the classifier's probability as log-odds, where normal scores spread), and
 # the fused score is the larger of the two: an image is as suspicious as the more alarmed of the two methods (the
 # "either one flags it" rule of a line that runs both). Its threshold: the same rule as each method's, on the fused
-# scores of the held-out normals both methods scored.
+# scores of the held-out normals both methods scored. The CutPaste classifier is fused with PatchCore the same way,
+# into a second detector, "fused+cutpaste".
 def calibrated(method: str, scores: np.ndarray, normal_scores: np.ndarray) -> np.ndarray:
     """Scores in standard deviations above the mean of held-out normal scores: (N,), (M,) -> (N,). Needs M >= 2."""
-    if method == "classifier":  # probabilities -> log-odds
+    if method in CLASSIFIERS:  # probabilities -> log-odds
         scores, normal_scores = (np.log(p) - np.log1p(-p) for p in
                                  (np.clip(x, 1e-12, 1 - 1e-12) for x in (scores, normal_scores)))
     spread = max(float(np.std(normal_scores, ddof=1)), 1e-12)
@@ -97,18 +118,20 @@ def calibrated(method: str, scores: np.ndarray, normal_scores: np.ndarray) -> np
 
 
 def fuse(pc: Scored, pc_normals: dict[str, float], cl: Scored, cl_normals: dict[str, float]) -> Scored | None:
-    """The fused detector on the classifier's evaluation images (None without 2+ held-out normals per method)."""
+    """The fused detector on the classifier's evaluation images (None without 2+ held-out normals per method):
+    'fused' of the plain classifier, 'fused+cutpaste' of the CutPaste one."""
     if min(len(pc_normals), len(cl_normals)) < 2:
         return None
     pc_on = pc.on(cl.paths)  # PatchCore's scores of the very same images, in the same order
 
     def z(paths_pc, scores_pc, scores_cl):
         return np.maximum(calibrated("patchcore", scores_pc, np.array(list(pc_normals.values()))),
-                          calibrated("classifier", scores_cl, np.array(list(cl_normals.values()))))
+                          calibrated(cl.method, scores_cl, np.array(list(cl_normals.values()))))
     both = sorted(set(pc_normals) & set(cl_normals))  # held-out normals scored by both methods
     threshold = metrics.normal_threshold(z(both, np.array([pc_normals[p] for p in both]),
                                            np.array([cl_normals[p] for p in both]))) if both else None
-    return replace(cl, method="fused", scores=z(cl.paths, pc_on.scores, cl.scores), threshold=threshold, extra={})
+    return replace(cl, method="fused" + cl.method.removeprefix("classifier"), threshold=threshold, extra={},
+                   scores=z(cl.paths, pc_on.scores, cl.scores))
 
 
 def collect(study_dir: Path) -> list[Scored]:
@@ -117,7 +140,8 @@ def collect(study_dir: Path) -> list[Scored]:
     all-types / few-shot: each classifier run, PatchCore's run (the same evaluation images) and their fusion.
     unseen-type: each classifier run trained without one type, on good + that type; PatchCore's all-types scores of
     those very images (no second scoring pass) and their fusion. seen-type: the classifier run with the same k that
-    did see the type, on the same images, and its fusion.
+    did see the type, on the same images, and its fusion. general / hard: each classifier run (either arm), PatchCore's
+    open-set scores of its images (once per split, however many arms read it) and their fusion.
     """
     runs = [load_run(p.parent) for p in sorted(study_dir.rglob("study.json"))]
     if not runs:
@@ -128,7 +152,7 @@ def collect(study_dir: Path) -> list[Scored]:
     for info, r, _ in runs:
         if info.get("reference"):
             references.setdefault((r.category, r.seed, info["reference"]), []).append(r.held_out)
-    out = []
+    out, pc_sets = [], set()  # pc_sets: the (category, seed, scenario, tag, held_out) PatchCore already has a set of
     for info, run, heldout in runs:
         if run.method == "patchcore":
             # open-set: every test image, the set PatchCore's published numbers are measured on
@@ -146,10 +170,12 @@ def collect(study_dir: Path) -> list[Scored]:
         protocol = "open-set" if info["role"] in data.OPEN_SET_SCENARIOS else "all-types"
         pc, pc_normals = pcs.get((run.category, run.seed, protocol), (None, {}))
         for cl in sets if pc is not None else []:
-            if cl.scenario in ("unseen-type", "seen-type"):
+            key = (cl.category, cl.seed, cl.scenario, cl.tag, cl.held_out)  # a split's arms share its images
+            if cl.scenario in ("unseen-type", "seen-type") and key not in pc_sets:
                 out.append(pc.on(cl.paths, scenario=cl.scenario, held_out=cl.held_out))
-            elif cl.scenario in data.OPEN_SET_SCENARIOS:  # tagged as the classifier run whose images these are
+            elif cl.scenario in data.OPEN_SET_SCENARIOS and key not in pc_sets:  # tagged as the split's runs
                 out.append(pc.on(cl.paths, scenario=cl.scenario, held_out=cl.held_out, tag=cl.tag))
+            pc_sets.add(key)
             fused = fuse(pc, pc_normals, cl, heldout)
             if fused is not None:
                 out.append(fused)
@@ -193,14 +219,19 @@ def partner(scored: list[Scored], s: Scored, method: str, **where) -> Scored | N
 
 def comparisons(scored: list[Scored]) -> list[tuple[str, Scored, Scored]]:
     """(name, a, b) pairs on identical images: every classifier set against PatchCore and the fused detector
-    against both; per unseen type, the classifier without the type against the classifier with it."""
+    against both; per unseen type, the classifier without the type against the classifier with it. The CutPaste
+    classifier against PatchCore and against the plain classifier of its split (what synthetic defects add at the
+    same M), its fused detector against PatchCore."""
     out = []
-    for c in (s for s in scored if s.method == "classifier"
+    for c in (s for s in scored if s.method in CLASSIFIERS
               and s.scenario in ("all-types", "unseen-type", *data.OPEN_SET_SCENARIOS)):
         pc = partner(scored, c, "patchcore")
-        fused = partner(scored, c, "fused", tag=c.tag)
-        out += [(n, a, b) for n, a, b in (("classifier - PatchCore", c, pc), ("fused - PatchCore", fused, pc),
-                                          ("fused - classifier", fused, c)) if a is not None and b is not None]
+        arm = c.method.removeprefix("classifier")  # "" or "+cutpaste"
+        fused = partner(scored, c, f"fused{arm}", tag=c.tag)
+        pairs = [(f"{c.method} - PatchCore", c, pc), (f"fused{arm} - PatchCore", fused, pc)]
+        pairs += [(f"{c.method} - classifier", c, partner(scored, c, "classifier", tag=c.tag, held_out=c.held_out))] \
+            if arm else [("fused - classifier", fused, c)]
+        out += [(n, a, b) for n, a, b in pairs if a is not None and b is not None]
         if c.scenario == "unseen-type":
             seen = partner(scored, c, "classifier", held_out=c.held_out, scenario="seen-type")
             out += [("classifier unseen - seen", c, seen)] if seen is not None else []
@@ -325,13 +356,26 @@ def tag_order(tag: str) -> float:
 
 
 def classifier_ks(rows: list[dict], scenario: str, categories: list[str]) -> list[str]:
-    """The classifier's tags of a scenario (k1, k5, ... or general-1, general-10) present for every category, by
-    increasing number of labelled defects."""
+    """The classifier's tags of a scenario (k1, k5, ... or general-0, general-1, general-10; either arm) present for
+    every category, by increasing number of labelled defects."""
     tags = None
     for c in categories:
-        t = {r["tag"] for r in select(rows, category=c, method="classifier", scenario=scenario)}
+        t = {r["tag"] for r in select(rows, category=c, scenario=scenario) if r["method"] in CLASSIFIERS}
         tags = t if tags is None else tags & t
     return sorted(tags or [], key=tag_order)
+
+
+# The open-set tables' methods and paired differences, in their order (a study without the CutPaste arm has none of
+# its rows: the rows a study did not run are left out).
+OPEN_SET_METHODS = ("patchcore", "classifier", "classifier+cutpaste", "fused", "fused+cutpaste")
+OPEN_SET_COMPARISONS = ("classifier - PatchCore", "fused - PatchCore", "fused - classifier",
+                        "classifier+cutpaste - PatchCore", "classifier+cutpaste - classifier",
+                        "fused+cutpaste - PatchCore")
+
+
+def shown_name(comparison: str) -> str:
+    """A comparison's name in the tables: 'classifier + CutPaste - PatchCore' for classifier+cutpaste - PatchCore."""
+    return " - ".join(label(part) for part in comparison.split(" - "))
 
 
 def in_scope(scored: list[Scored], categories: list[str], **where) -> list[Scored]:
@@ -411,11 +455,13 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
     if in_scope(scored, categories, **whole):
         body.append(["PatchCore, whole test set", "0"] + auroc(**whole) +
                     [fmt(per_seed(rows, categories, metric=m, **whole)) for m in TABLE_METRICS[1:]])
-    for tag in classifier_ks(rows, "general", categories):
-        for name, method in (("PatchCore", "patchcore"), ("classifier", "classifier"), ("fused", "fused")):
+    for tag in classifier_ks(rows, "general", categories):  # general-0: PatchCore and the CutPaste arm only
+        for method in OPEN_SET_METHODS:
             where = dict(scenario="general", method=method, tag=tag)
+            if method != "patchcore" and not per_seed(rows, categories, metric="image_auroc", **where):
+                continue  # an arm this study did not run at this M
             n = per_seed(rows, categories, metric="n_labelled", **where)
-            body.append([f"{name}, {tag}", fmt(n, 0) if n else "0"] + auroc(**where) +
+            body.append([f"{label(method)}, {tag}", fmt(n, 0) if n else "0"] + auroc(**where) +
                         [fmt(per_seed(rows, categories, metric=m, **where)) for m in TABLE_METRICS[1:]])
     if len(body) > 1:
         out["Open-set, general (DRA): M labelled anomalies drawn from all types, evaluated on every other test image"] = \
@@ -426,26 +472,31 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
                                       for c in categories]))
     body = []
     has_hard = bool(in_scope(scored, categories, scenario="hard"))
+    methods = [m for m in ("classifier", "classifier+cutpaste", "patchcore", "fused", "fused+cutpaste")
+               if m in ("classifier", "patchcore", "fused") or in_scope(scored, categories, scenario="hard", method=m)]
+    with_interval = [m for m in methods if m in ("patchcore", *CLASSIFIERS)]
     for t in types + (["mean"] if has_hard else []):
         where = {"scenario": "hard"} if t == "mean" else {"scenario": "hard", "held_out": t}
-        n = per_seed(rows, categories, method="classifier", metric="n_labelled", **where)
+        n = next((v for m in CLASSIFIERS if (v := per_seed(rows, categories, method=m, metric="n_labelled", **where))),
+                 None)
         body.append([t, fmt(n, 0) if n else "–"] + [fmt(per_seed(rows, categories, method=m, metric="image_auroc", **where))
-                                                   for m in ("classifier", "patchcore", "fused")] +
+                                                   for m in methods] +
                     [fmt_interval(pooled_interval(in_scope(scored, categories, method=m, **where)))
-                     for m in ("classifier", "patchcore")])
+                     for m in with_interval])
     if has_hard:
         out["Open-set, hard (DRA): labelled anomalies of one known type, evaluated on good + every other type"] = \
-            markdown(["known type", "labelled", "classifier", "PatchCore", "fused", "classifier 95 % interval",
-                      "PatchCore 95 % interval"], body)
+            markdown(["known type", "labelled", *map(label, methods),
+                      *(f"{label(m)} 95 % interval" for m in with_interval)], body)
     body = []
     for tag in classifier_ks(rows, "general", categories):
-        for name in ("classifier - PatchCore", "fused - PatchCore", "fused - classifier"):
+        for name in OPEN_SET_COMPARISONS:
             d = paired(scored, categories, name, scenario="general", tag=tag)
-            body += [[name, tag, fmt_diff(d[0]), fmt_interval(d[1:]), verdict(d, *name.split(" - "))]] if d else []
-    for name in ("classifier - PatchCore", "fused - PatchCore", "fused - classifier"):
+            body += [[shown_name(name), tag, fmt_diff(d[0]), fmt_interval(d[1:]),
+                      verdict(d, *shown_name(name).split(" - "))]] if d else []
+    for name in OPEN_SET_COMPARISONS:
         d = paired(scored, categories, name, scenario="hard")
-        body += [[name, "hard (every known type)", fmt_diff(d[0]), fmt_interval(d[1:]),
-                  verdict(d, *name.split(" - "))]] if d else []
+        body += [[shown_name(name), "hard (every known type)", fmt_diff(d[0]), fmt_interval(d[1:]),
+                  verdict(d, *shown_name(name).split(" - "))]] if d else []
     if body:
         out["Open-set paired differences in image AUROC (same images, 95 % paired bootstrap interval)"] = markdown(
             ["first - second", "scenario", "difference", "95 % interval", "reading"], body)
@@ -455,9 +506,9 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
                         ("PatchCore (open-set protocol)", dict(scenario="open-set", method="patchcore"))] + \
             [(f"classifier {t}", dict(scenario="all-types", method="classifier", tag=t))
              for t in classifier_ks(rows, "all-types", categories)] + \
-            [(f"classifier {t}", dict(scenario="general", method="classifier", tag=t))
-             for t in classifier_ks(rows, "general", categories)] + \
-            [("classifier, hard (mean over known types)", dict(scenario="hard", method="classifier"))]:
+            [(f"{label(m)} {t}", dict(scenario="general", method=m, tag=t))
+             for m in CLASSIFIERS for t in classifier_ks(rows, "general", categories)] + \
+            [(f"{label(m)}, hard (mean over known types)", dict(scenario="hard", method=m)) for m in CLASSIFIERS]:
         values = [per_seed(rows, categories, metric=m, **where) for m in COST_METRICS]
         if any(values[1:]):
             body.append([name] + [fmt(v, 0 if m == "n_labelled" else 1) for m, v in zip(COST_METRICS, values)])
@@ -535,23 +586,72 @@ def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> s
                                  []).append(t)
         out.append("On the few-shot curve the classifier is " + "; ".join(
             f"{read} at {', '.join(ts)}" for read, ts in reads.items()) + " (paired 95 % intervals).")
+
+    def open_set(**where) -> tuple[str, str]:
+        """'classifier 0.8, ..., fused 0.9' and 'classifier - PatchCore +0.1, ...' of one open-set setting: the
+        methods and differences the study has (general-0: PatchCore and the CutPaste arm only)."""
+        values = {m: mean(method=m, **where) for m in ("classifier", "classifier+cutpaste", "patchcore", "fused",
+                                                       "fused+cutpaste")}
+        said = ", ".join(f"{label(m)} {say(v) if v else '–'}" + (" on the same images" if m == "patchcore" else "")
+                         for m, v in values.items() if v or (m == "fused" and values["classifier"]))
+        diffs = [(name, compare(name, first, second, **where)) for name, first, second in (
+            ("classifier - PatchCore", "the classifier", "PatchCore"),
+            ("classifier+cutpaste - PatchCore", "the classifier + CutPaste", "PatchCore"),
+            ("classifier+cutpaste - classifier", "the classifier + CutPaste", "the plain classifier"))]
+        return said, "; ".join(f"{shown_name(name)} {text}" for name, text in diffs if text)
     for tag in classifier_ks(rows, "general", categories):  # DRA's general setting, per M
-        cl, pc_m = mean(scenario="general", method="classifier", tag=tag), mean(scenario="general", method="patchcore", tag=tag)
-        fused = mean(scenario="general", method="fused", tag=tag)
-        out.append(f"Open-set general, {tag} (M labelled anomalies drawn from every type): classifier {say(cl)}, "
-                   f"PatchCore {say(pc_m)} on the same images, fused {say(fused) if fused else '–'}; classifier - "
-                   f"PatchCore {compare('classifier - PatchCore', 'the classifier', 'PatchCore', scenario='general', tag=tag)}.")
-    if mean(scenario="hard", method="classifier"):  # DRA's hard setting: every evaluated defect type is unseen
-        cl, pc_h, fused = (mean(scenario="hard", method=m) for m in ("classifier", "patchcore", "fused"))
-        worst = min((r for r in rows if r["scenario"] == "hard" and r["method"] == "classifier"
+        said, diffs = open_set(scenario="general", tag=tag)
+        out.append(f"Open-set general, {tag} (M labelled anomalies drawn from every type): {said}; {diffs}.")
+    arms = [m for m in CLASSIFIERS if mean(scenario="hard", method=m)]
+    if arms:  # DRA's hard setting: every evaluated defect type is unseen
+        said, diffs = open_set(scenario="hard")
+        worst = min((r for r in rows if r["scenario"] == "hard" and r["method"] == arms[0]
                      and r["metric"] == "image_auroc" and r["category"] in categories), key=lambda r: r["value"])
-        out.append(f"Open-set hard (labelled anomalies of one known type, evaluated on the other types): classifier "
-                   f"{say(cl)}, PatchCore {say(pc_h)}, fused {say(fused) if fused else '–'} (mean over known types); "
-                   f"classifier - PatchCore "
-                   f"{compare('classifier - PatchCore', 'the classifier', 'PatchCore', scenario='hard')}; the "
-                   f"classifier's worst known type is {worst['category']}/{worst['held_out']} (seed {worst['seed']}): "
-                   f"{worst['value']:.3f}.")
-    return " ".join(out) or "Not enough finished runs for findings."
+        out.append(f"Open-set hard (labelled anomalies of one known type, evaluated on the other types): {said} (mean "
+                   f"over known types); {diffs}; the {label(arms[0])}'s worst known type is "
+                   f"{worst['category']}/{worst['held_out']} (seed {worst['seed']}): {worst['value']:.3f}.")
+    per_category = [labels_needed(scored, c, classifier_ks(rows, "general", [c])) for c in categories]
+    return "\n\n".join([" ".join(out) or "Not enough finished runs for findings.", *filter(None, per_category)])
+
+
+def labels_needed(scored: list[Scored], category: str, tags: list[str]) -> str:
+    """One category's answer, from paired 95 % intervals only: the fewest real labelled anomalies (open-set general,
+    the M of `tags`) from which each classifier arm is ahead of PatchCore at every M run, what CutPaste adds at the
+    same M, and whether it helps on the types never labelled (hard). '' without open-set classifier runs."""
+    def read(name: str, first: str = "first", second: str = "second", **where) -> tuple[str, str, bool] | None:
+        """('+0.012 [0.004, 0.020]', 'first ahead' or 'not distinguishable', first ahead?) of a paired difference."""
+        d = paired(scored, [category], name, **where)
+        if d is None:
+            return None
+        return f"{fmt_diff(d[0])} {fmt_interval(d[1:])}", verdict(d, first, second), verdict(d) == "first ahead"
+    ms = {tag: int(tag_order(tag)) for tag in tags}  # general-10 -> 10
+    needs = []
+    for method, how in (("classifier", "without synthetic defects"), ("classifier+cutpaste", "with CutPaste defects")):
+        reads = {ms[t]: r for t in tags if (r := read(f"{method} - PatchCore", scenario="general", tag=t))}
+        if reads:
+            run = sorted(reads)
+            ahead = [m for m in run if all(reads[n][2] for n in run if n >= m)]  # ahead at m and every larger M run
+            if ahead:
+                need = f"M = {ahead[0]}" + (", no real label" if ahead[0] == 0 else "")
+            elif any(reads[m][2] for m in run):  # ahead at some M, not at a larger one: no count settles it
+                need = f"no M run settles it, ahead at M = {', '.join(str(m) for m in run if reads[m][2])} only"
+            else:
+                need = f"more than M = {run[-1]}, ahead at no M run"
+            needs.append(f"{how}, {need} ({'; '.join(f'M = {m}: {reads[m][0]}' for m in run)})")
+    out = [f"{category}: the real labelled anomalies a classifier needs to be ahead of PatchCore in open-set general "
+           f"(classifier - PatchCore on the same images, its paired 95 % interval above 0): {'; '.join(needs)}."] \
+        if needs else []
+    added = [f"M = {ms[t]}: {r[0]}, {r[1]}" for t in tags if (r := read(
+        "classifier+cutpaste - classifier", "CutPaste", "the plain classifier", scenario="general", tag=t))]
+    if added:
+        out.append(f"What CutPaste defects add at the same M (classifier + CutPaste - classifier): {'; '.join(added)}.")
+    hard = read("classifier+cutpaste - classifier", scenario="hard")
+    if hard:
+        helps = {"first ahead": "synthetic defects help",
+                 "second ahead": "synthetic defects hurt"}.get(hard[1], hard[1])
+        out.append(f"On the defect types never labelled (hard, every known type) classifier + CutPaste - classifier is "
+                   f"{hard[0]}: {helps}.")
+    return " ".join(out)
 
 
 def plot_all(rows: list[dict], categories: list[str], out: Path) -> list[str]:
@@ -587,28 +687,32 @@ def plot_all(rows: list[dict], categories: list[str], out: Path) -> list[str]:
     if select(rows, scenario="unseen-type"):
         fig, ax = plt.subplots(figsize=(2.4 + 2 * len(categories), 3.4))
         width = 0.8 / len(groups)
-        for g, (label, sc, m) in enumerate(groups):
+        for g, (name, sc, m) in enumerate(groups):
             vals = [per_seed(rows, [c], scenario=sc, method=m, metric="image_auroc") for c in categories]
             ax.bar(np.arange(len(categories)) + (g - (len(groups) - 1) / 2) * width,
                    [np.mean(v) if v else 0 for v in vals], width, yerr=[np.std(v) if v else 0 for v in vals],
-                   capsize=3, label=label)
+                   capsize=3, label=name)
         ax.set_xticks(np.arange(len(categories)), categories)
         ax.set(ylabel="image AUROC (good + one type)", ylim=(0, 1.05), title="seen vs unseen defect types")
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout(), fig.savefig(out / "seen_unseen.png", dpi=90), plt.close(fig)
         written.append("seen_unseen.png")
-    # DRA's open-set protocol: the three methods per general-M and hard, per category
+    # DRA's open-set protocol: the methods (the CutPaste arm and its fusion too, if run) per general-M and hard,
+    # per category
     settings = [(t, dict(scenario="general", tag=t)) for t in classifier_ks(rows, "general", categories)] + \
         ([("hard", dict(scenario="hard"))] if select(rows, scenario="hard") else [])
+    methods = [m for m in ("classifier", "classifier+cutpaste", "patchcore", "fused", "fused+cutpaste")
+               if m in ("classifier", "patchcore", "fused") or select(rows, method=m)]
     if settings:
-        fig, axes = plt.subplots(1, len(categories), figsize=(1.2 + 1.6 * len(settings) * len(categories), 3.4),
-                                 squeeze=False)
+        width = 0.8 / len(methods)
+        wide = 1.2 + 0.55 * len(methods) * len(settings) * len(categories)  # ~1.6 per setting of 3 methods
+        fig, axes = plt.subplots(1, len(categories), figsize=(wide, 3.4), squeeze=False)
         for ax, c in zip(axes[0], categories):
-            for g, method in enumerate(("classifier", "patchcore", "fused")):
+            for g, method in enumerate(methods):
                 vals = [per_seed(rows, [c], method=method, metric="image_auroc", **where) for _, where in settings]
-                ax.bar(np.arange(len(settings)) + (g - 1) * 0.27, [np.mean(v) if v else 0 for v in vals], 0.27,
-                       yerr=[np.std(v) if v else 0 for v in vals], capsize=3,
-                       label={"patchcore": "PatchCore"}.get(method, method))
+                ax.bar(np.arange(len(settings)) + (g - (len(methods) - 1) / 2) * width,
+                       [np.mean(v) if v else 0 for v in vals], width,
+                       yerr=[np.std(v) if v else 0 for v in vals], capsize=3, label=label(method))
             ax.set_xticks(np.arange(len(settings)), [name for name, _ in settings])
             ax.set(title=c, ylabel="image AUROC", ylim=(0, 1.05))
             ax.legend(fontsize=8, loc="lower right")
@@ -632,7 +736,7 @@ def shown_runs(rows: list[dict], categories: list[str]) -> list[tuple[str, int, 
 
 
 def plot_roc(scored: list[Scored], shown: list[tuple[str, int, str, str]], out: Path) -> list[str]:
-    """roc.png: the three methods' ROC curves on the images of each shown run."""
+    """roc.png: the methods' ROC curves on the images of each shown run (with the CutPaste arm's, if run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -641,7 +745,7 @@ def plot_roc(scored: list[Scored], shown: list[tuple[str, int, str, str]], out: 
         return []
     fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
     for ax, (c, seed, scenario, tag) in zip(axes[0], shown):
-        for name, method in (("PatchCore", "patchcore"), (f"classifier {tag}", "classifier"), (f"fused {tag}", "fused")):
+        for name, method in [("PatchCore", "patchcore")] + [(f"{label(m)} {tag}", m) for m in OPEN_SET_METHODS[1:]]:
             where = {} if (method, scenario) == ("patchcore", "all-types") else {"tag": tag}
             for s in select(scored, category=c, seed=seed, scenario=scenario, method=method, **where):
                 fpr, tpr, _ = roc_curve(s.labels, s.scores)
@@ -672,8 +776,13 @@ def write(study_dir: Path, heatmaps: Callable[[list[tuple[str, int, str, str]]],
              "Every number is mean ± std over seeds; intervals are 95 % stratified bootstrap intervals over the "
              f"evaluation images ({metrics.BOOTSTRAP_RESAMPLES} resamples, pooled over seeds and categories), "
              "paired when two methods are compared on the same images. The fused detector is the larger of the "
-             "two methods' scores, each in standard deviations of its held-out normal scores. Generated by "
-             "report.py from the runs' scores.csv (image metrics) and metrics.json (pixel metrics, costs).", "",
+             "two methods' scores, each in standard deviations of its held-out normal scores. " +
+             ("Classifier + CutPaste is the same classifier trained on the same split with CutPaste synthetic "
+              "defects made from its normal images (classify.py --synthetic cutpaste; general-0: no real label); "
+              "fused + CutPaste fuses it with PatchCore the same way. " if select(scored, method="classifier+cutpaste")
+              else "") +
+             "Generated by report.py from the runs' scores.csv (image metrics) and metrics.json (pixel metrics, "
+             "costs).", "",
              "## Findings", "", findings(rows, scored, categories), ""]
     scopes = ([("Mean over categories", categories)] if len(categories) > 1 else []) + [(c, [c]) for c in categories]
     for scope, cats in scopes:

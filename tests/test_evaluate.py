@@ -48,7 +48,7 @@ def read_csv(path):
 
 
 def fake_run(root, method, tag, role, paths, labels, scores, threshold, n_labelled, heldout, held_out=None,
-             reference=None, seed=0, category="cat"):
+             reference=None, seed=0, category="cat", synthetic=None):
     """One finished run as the scripts leave it: scores.csv, heldout_scores.csv, metrics.json, study.json."""
     d = root / category / f"seed{seed}" / ("classify" if method == "classifier" else method) / tag
     d.mkdir(parents=True)
@@ -60,7 +60,8 @@ def fake_run(root, method, tag, role, paths, labels, scores, threshold, n_labell
     data.write_json(d / "metrics.json", {"threshold": threshold, "pixel_auroc": 0.9, "aupro": 0.8, "ms_per_image": 5.0,
                                          "params_millions": 1.5, "peak_rss_mb": 100.0, **cost})
     data.write_json(d / "study.json", {"category": category, "seed": seed, "method": method, "tag": tag, "role": role,
-                                       "held_out": held_out, "reference": reference, "n_labelled": n_labelled})
+                                       "held_out": held_out, "reference": reference, "n_labelled": n_labelled,
+                                       **({"synthetic": synthetic} if synthetic else {})})
 
 
 G, A, B = ["/img/good/0.png", "/img/good/1.png"], ["/img/a/2.png", "/img/a/3.png"], ["/img/b/4.png", "/img/b/5.png"]
@@ -116,6 +117,47 @@ def test_runs_mode_rebuilds_known_tables(tmp_path):
     assert (tmp_path / "report.md").read_text() == text
     for plot in ("fewshot.png", "roc.png", "seen_unseen.png"):
         assert (tmp_path / plot).stat().st_size > 0
+
+
+def test_findings_on_labels_needed_come_from_the_intervals(tmp_path):
+    """A hand-made open-set study: PatchCore middling, the plain classifier at chance, the CutPaste one perfect."""
+    good, a, b = ([f"/img/{t}/{i}.png" for i in range(n)] for t, n in (("good", 20), ("a", 10), ("b", 10)))
+    score = {"patchcore": lambda t, i: i / 20 if t == "good" else 0.5 + i / 20,  # AUROC about 0.75
+             "none": lambda t, i: i / 40 if t == "good" else i / 20,  # about chance
+             "cutpaste": lambda t, i: i / 40 if t == "good" else 0.9 + i / 200}  # every defect above every good
+
+    def run(method, tag, role, paths, n_labelled, synthetic=None, held_out=None):
+        kind = synthetic or "patchcore"
+        fake_run(tmp_path, method, tag, role, paths, [int("/good/" not in p) for p in paths],
+                 [score[kind](p.split("/")[2], int(p.split("/")[3][:-4])) for p in paths], 0.5, n_labelled,
+                 dict(zip(HELDOUT, [0.01, 0.02, 0.015])), held_out=held_out, synthetic=synthetic)
+    run("patchcore", "open-set", "open-set", good + a + b, 0)
+    run("classifier", "general-1", "general", good + a[1:] + b, 1, "none")
+    run("classifier", "general-1-cutpaste", "general", good + a[1:] + b, 1, "cutpaste")
+    run("classifier", "general-0-cutpaste", "general", good + a + b, 0, "cutpaste")
+    run("classifier", "hard-a", "hard", good + b, 1, "none", held_out="a")
+    run("classifier", "hard-a-cutpaste", "hard", good + b, 1, "cutpaste", held_out="a")
+    text = report.write(tmp_path)
+    diffs = {(d["comparison"], d["tag"]): d for d in read_csv(tmp_path / "differences.csv")}
+    assert diffs[("classifier+cutpaste - PatchCore", "general-0")]["real"] == "True"
+    assert float(diffs[("classifier+cutpaste - PatchCore", "general-0")]["difference"]) > 0
+    assert diffs[("classifier+cutpaste - classifier", "hard-a")]["real"] == "True"
+    findings = text.split("## Findings")[1].split("\n## ")[0]
+    assert "cat: the real labelled anomalies a classifier needs to be ahead of PatchCore" in findings
+    assert "without synthetic defects, more than M = 1, ahead at no M run (M = 1: -" in findings
+    assert "with CutPaste defects, M = 0, no real label (M = 0: +" in findings
+    assert "(classifier + CutPaste - classifier): M = 1: +" in findings and ", CutPaste ahead." in findings
+    assert findings.rstrip().endswith(": synthetic defects help.")
+    # the same runs, but the CutPaste arm no better than chance: no finding claims more than its interval shows
+    for run_dir in tmp_path.rglob("*-cutpaste"):
+        rows = data.read_scores(run_dir / "scores.csv")
+        with open(run_dir / "scores.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["path", "label", "defect_type", "score"],
+                                     *([p, l, t, score["none"](t, int(p.split("/")[3][:-4]))] for p, l, t, _ in zip(*rows))])
+    findings = report.write(tmp_path).split("## Findings")[1].split("\n## ")[0]
+    assert "with CutPaste defects, more than M = 1, ahead at no M run" in findings
+    assert "(classifier + CutPaste - classifier): M = 1: +0.000 [0.000, 0.000], not distinguishable." in findings
+    assert findings.rstrip().endswith(": not distinguishable.")
 
 
 def test_fused_threshold_is_set_on_normal_images_only(tmp_path):
@@ -253,8 +295,120 @@ def test_open_set_study_scores_the_same_images_and_never_evaluates_its_normals(s
     assert (moved / "weave" / "seed0" / "classify" / "general-2" / "metrics.json").stat().st_mtime == mtime
 
 
+def test_cutpaste_arm_trains_on_the_same_splits_and_zero_labels(synth_root, tmp_path):
+    root = two_type_copy(synth_root, tmp_path / "data")
+    out = tmp_path / "study"
+    text = evaluate.main(open_set_argv(root, out, "--synthetic", "none,cutpaste", "--general-m", "0,2"))
+    base = out / "weave" / "seed0"
+    # general-0 by the CutPaste arm only (a plain classifier has nothing to learn the defect class from); every
+    # other split by both arms, reading the split's one file
+    assert sorted(p.name for p in (base / "classify").iterdir()) == [
+        "general-0-cutpaste", "general-2", "general-2-cutpaste", "hard-hole", "hard-hole-cutpaste", "hard-stain",
+        "hard-stain-cutpaste"]
+    assert sorted(p.name for p in (base / "splits").iterdir()) == [
+        "general-0.json", "general-2.json", "hard-hole.json", "hard-stain.json", "open-set.json"]
+    scored = report.collect(out)
+    for run in sorted((base / "classify").iterdir()):
+        info = json.loads((run / "study.json").read_text())
+        args = json.loads((run / "args.json").read_text())
+        arm = "cutpaste" if run.name.endswith("-cutpaste") else "none"
+        split = run.name.removesuffix("-cutpaste")
+        assert info["synthetic"] == args["synthetic"] == arm and info["tag"] == run.name
+        assert args["split"].endswith(f"/{split}.json")  # data.portable: the file name, no machine path
+        paths = data.read_scores(run / "scores.csv")[0]
+        if arm == "cutpaste" and (base / "classify" / split).is_dir():  # the plain twin: exactly the same images
+            assert paths == data.read_scores(base / "classify" / split / "scores.csv")[0]
+            twin = json.loads((base / "classify" / split / "args.json").read_text())
+            assert twin["split"] == args["split"] and twin["synthetic"] == "none"
+        # PatchCore and the fused detector on exactly these images; PatchCore's set once per split, not per arm
+        method = "classifier+cutpaste" if arm == "cutpaste" else "classifier"
+        mine = [s for s in scored if s.method == method and s.tag == split]
+        assert len(mine) == 1 and list(mine[0].paths) == paths
+        for other in ("patchcore", "fused" + method.removeprefix("classifier")):
+            sets = [s for s in scored if s.method == other and s.scenario == info["role"] and s.tag == split]
+            assert len(sets) == 1 and list(sets[0].paths) == paths, (run.name, other)
+    # No real label: nothing from test/ in the zero-label run's training or validation images, none in its split
+    assert json.loads((base / "splits" / "general-0.json").read_text())["train_defects"] == []
+    images = json.loads((base / "classify" / "general-0-cutpaste" / "images.json").read_text())
+    assert images["train"] and images["val"]
+    assert all(p.startswith("train/good/") for p in images["train"] + images["val"])
+    zero = json.loads((base / "classify" / "general-0-cutpaste" / "metrics.json").read_text())
+    assert zero["n_train_defects"] == 0 and zero["n_train_synthetic"] == len(images["train"])
+    rows = read_csv(out / "results.csv")
+    aurocs = {(r["scenario"], r["method"], r["tag"]) for r in rows if r["metric"] == "image_auroc"}
+    for tag in ("general-0", "general-2"):
+        assert {("general", m, tag) for m in ("patchcore", "classifier+cutpaste", "fused+cutpaste")} <= aurocs
+    assert ("general", "classifier", "general-0") not in aurocs and ("general", "classifier", "general-2") in aurocs
+    assert {r["method"] for r in rows if r["scenario"] == "hard"} == {
+        "patchcore", "classifier", "classifier+cutpaste", "fused", "fused+cutpaste"}
+    assert [r["value"] for r in rows if (r["method"], r["tag"], r["metric"]) ==
+            ("classifier+cutpaste", "general-0", "n_labelled")] == ["0"]
+    diffs = {(d["comparison"], d["tag"]) for d in read_csv(out / "differences.csv") if d["scenario"] == "general"}
+    assert {("classifier+cutpaste - PatchCore", "general-0"), ("classifier+cutpaste - PatchCore", "general-2"),
+            ("classifier+cutpaste - classifier", "general-2"), ("fused+cutpaste - PatchCore", "general-0")} <= diffs
+    assert ("classifier+cutpaste - classifier", "general-0") not in diffs  # no plain classifier at M = 0
+    hard = {d["comparison"] for d in read_csv(out / "differences.csv") if d["scenario"] == "hard"}
+    assert {"classifier+cutpaste - PatchCore", "classifier+cutpaste - classifier"} <= hard
+    # The report: the arm's rows beside the others, its paired differences, costs and a finding per category
+    for line in ("| classifier + CutPaste, general-0 | 0 |", "| classifier + CutPaste, general-2 | 2 |",
+                 "| fused + CutPaste, general-0 | 0 |", "| classifier, general-2 | 2 |",
+                 "| classifier + CutPaste - classifier | general-2 |", "| classifier + CutPaste - PatchCore | hard",
+                 "| classifier + CutPaste general-0 | 0 |", "| classifier + CutPaste, hard (mean over known types) |"):
+        assert line in text, line
+    assert "| classifier, general-0 |" not in text
+    assert "classifier + CutPaste 95 % interval" in text  # the hard table's column
+    findings = text.split("## Findings")[1].split("\n## ")[0]
+    assert "weave: the real labelled anomalies a classifier needs to be ahead of PatchCore" in findings
+    assert "without synthetic defects, " in findings and "with CutPaste defects, " in findings
+    assert "On the defect types never labelled (hard, every known type) classifier + CutPaste - classifier" in findings
+    assert (out / "open_set.png").stat().st_size > 0
+
+
+def plan(root, out, *flags):
+    """(run folder, split file, study.json's synthetic, the run's argv) of every planned run, relative to out."""
+    args = evaluate.parse_args(["--data-root", str(root), "--categories", "weave", "--seeds", "0", "--k-values", "1,2",
+                                "--few-shot-k", "1", "--unseen-k", "1", "--general-m", "1,2", "--hard-m", "1",
+                                "--device", "cpu", "--out-dir", str(out), *flags])
+    args.scenarios = args.scenarios.split(",")
+    jobs = evaluate.plan_study(args)
+    return jobs, [(str(d.relative_to(out)), str(f.relative_to(out)), i.get("synthetic"), call.__defaults__[0])
+                  for d, i, _, f, call in jobs]
+
+
+def test_default_synthetic_plans_the_runs_of_before_and_shards_split_by_split(synth_root, tmp_path):
+    root = two_type_copy(synth_root, tmp_path / "data")
+    _, default = plan(root, tmp_path)
+    # the study's runs before the CutPaste arm (evaluate.py of 92c9d22), folder for folder, split file for split file
+    expected = [("patchcore/all", "all"), ("patchcore/open-set", "open-set")] + [
+        (f"classify/{t}", t) for t in ("k1", "k2", "unseen-hole-k1", "unseen-stain-k1", "general-1", "general-2",
+                                       "hard-hole", "hard-stain")]
+    assert [(d, f) for d, f, _, _ in default] == [(f"weave/seed0/{d}", f"weave/seed0/splits/{t}.json")
+                                                  for d, t in expected]
+    assert not any("--synthetic" in argv for _, _, _, argv in default)
+    assert {s for d, _, s, _ in default if "/classify/" in d} == {"none"}
+    jobs, both = plan(root, tmp_path, "--synthetic", "none,cutpaste")
+    # the same runs, each open-set split followed by its CutPaste run on the same split file
+    assert [r for r in both if r[2] != "cutpaste"] == default
+    cutpaste = [(d, f) for d, f, s, argv in both if s == "cutpaste" and argv[argv.index("--synthetic") + 1] == s]
+    assert cutpaste == [(f"weave/seed0/classify/{t}-cutpaste", f"weave/seed0/splits/{t}.json")
+                        for t in ("general-1", "general-2", "hard-hole", "hard-stain")]
+    assert [both[i + 1][:2] for i, r in enumerate(both) if r[0].endswith("/general-2")] == [
+        ("weave/seed0/classify/general-2-cutpaste", "weave/seed0/splits/general-2.json")]
+    # --shard: a split file and every run that reads it in one shard only; the shards together are the plan
+    for n in (2, 3):
+        shards = [evaluate.shard_jobs(jobs, k, n) for k in range(1, n + 1)]
+        files = [{j[3] for j in shard} for shard in shards]
+        assert sum(len(f) for f in files) == len(set().union(*files))
+        assert sorted(str(j[0]) for shard in shards for j in shard) == sorted(str(j[0]) for j in jobs)
+    plain = plan(root, tmp_path)[0]
+    assert evaluate.shard_jobs(plain, 2, 3) == plain[1::3]  # one run per split file: every N-th run, as before
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--general-m", "0"], "--general-m takes positive whole numbers"),
+    (["--general-m", "0"], r"--general-m takes positive whole numbers .* trains the CutPaste arm only"),
+    (["--general-m", "0,-1", "--synthetic", "none,cutpaste"], r"--general-m takes whole numbers \(0 or more\)"),
+    (["--synthetic", "none,mixup"], "--synthetic takes a comma list of none, cutpaste"),
+    (["--synthetic", "cutpaste", "--scenarios", "all-types,general"], "the CutPaste arm runs in the open-set"),
     (["--general-m", "1,x"], "--general-m takes positive whole numbers"),
     (["--general-m", "99"], "--general-m 99 is larger than the 8 defect images of weave; choose M <= 8"),
     (["--hard-m", "two"], "--hard-m takes positive whole numbers"),
