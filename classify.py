@@ -3,11 +3,11 @@
 Trains on train/good plus the few defect images a split allows, picks the epoch and a deployable threshold on
 training-side validation images, then scores the evaluation images (defect probability + Grad-CAM map). With
 --synthetic cutpaste, CutPaste defects made from the normal images (cutpaste.py) join the defect class, so a split
-with no labelled anomaly at all (data.py split --scenario general --k 0) can train a classifier too.
+with no labelled anomaly at all (splits.py --scenario general --k 0) can train a classifier too.
 
-    python data.py synth --out /tmp/s --size 128
+    python synthetic.py --out /tmp/s --size 128
     python classify.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128 --epochs 5
-    python data.py split --data-root /tmp/s --category weave --scenario general --k 0 --out /tmp/g0.json  # no label
+    python splits.py --data-root /tmp/s --category weave --scenario general --k 0 --out /tmp/g0.json  # no label
     python classify.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128 --epochs 5 \\
         --split /tmp/g0.json --synthetic cutpaste
     python classify.py --data-root ~/mvtec --category bottle        # EfficientNet-B1 at 512 px, on a GPU
@@ -34,6 +34,7 @@ from tqdm import tqdm
 import backbones
 import cutpaste
 import data
+import splits
 from metrics import compute_metrics, image_auroc, normal_threshold, operating_point
 
 VAL_DEFECT_FRACTION = 0.25  # 1 of every 4 training defects of a type validates (int((n + 1) / 4): 3 -> 1, 7 -> 2)
@@ -62,8 +63,8 @@ def load_split(args: argparse.Namespace, test: Sequence[data.Sample]) -> dict:
     """The split file given by --split, or the default: make_split(..., "all-types", k=None), i.e. the whole pool
     (half of every test folder, rounded down) may train, the other half is evaluated."""
     if args.split is None:
-        return data.make_split(test, args.category, args.seed, "all-types", k=None)
-    split = data.read_split(args.split)
+        return splits.make_split(test, args.category, args.seed, "all-types", k=None)
+    split = splits.read_split(args.split)
     if split["category"] != args.category:
         raise data.DataError(f"split file {args.split} is for category '{split['category']}', not '{args.category}'")
     return split
@@ -88,7 +89,7 @@ def validation_split(train_good: Sequence[data.Sample], train_defects: Sequence[
     by_type = {}
     for t in sorted({s.defect_type for s in train_defects}):
         group = [s for s in train_defects if s.defect_type == t]
-        rng = np.random.default_rng([seed, *f"val/{t}".encode()])  # one generator per type, as data.pool_and_eval
+        rng = np.random.default_rng([seed, *f"val/{t}".encode()])  # one generator per type, as splits.pool_and_eval
         by_type[t] = [group[i] for i in rng.permutation(len(group))]
     n_val = {t: int((len(g) + 1) * VAL_DEFECT_FRACTION) for t, g in by_type.items()}
     largest = max(by_type, key=lambda t: len(by_type[t]), default=None)  # the first (sorted) type on ties
@@ -427,8 +428,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: cuDNN times its kernels, keeps the fastest
     train_good, test = data.load_category(args.data_root, args.category)
     split = load_split(args, test)
-    train_defects, heldout_good, eval_samples = data.apply_split(test, split, train_good)
-    train_good = data.without_heldout(train_good, heldout_good)  # open-set protocol: its normals held out of train/good
+    train_defects, heldout_good, eval_samples = splits.apply_split(test, split, train_good)
+    train_good = splits.without_heldout(train_good, heldout_good)  # open-set protocol: its normals not in train/good
     if not train_defects and args.synthetic == "none":
         raise data.DataError(f"the split gives the classifier no defect image of {args.category} to train on; a "
                              f"supervised classifier cannot learn the defect class without examples (use k >= 1, "
@@ -528,7 +529,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DataLoader worker processes (default for this machine: 0 on <= 2 cores, else "
                         "min(8, cores - 1)); the same seed gives the same results for any number")
     p.add_argument("--split", default=None,
-                   help="split JSON from data.py; without one: all-types with the whole pool, for this --seed")
+                   help="split JSON from splits.py; without one: all-types with the whole pool, for this --seed")
     p.add_argument("--synthetic", choices=("none", "cutpaste"), default="none",
                    help="cutpaste: every normal training image is also a new synthetic defect each epoch (CutPaste "
                         "or scar, 50/50; cutpaste.py), and every validation normal a fixed one; a split without "

@@ -6,7 +6,7 @@ Every defect is a pure function of (image, seed, epoch, index), like classify.Au
 with the image, so a test can check that nothing outside it changed. Run as a script, it shows what the classifier
 trains on: a few train/good images, their synthetic defects and the pasted regions, side by side.
 
-    python data.py synth --out /tmp/s --size 128
+    python synthetic.py --out /tmp/s --size 128
     python cutpaste.py --data-root /tmp/s --category weave --image-size 128 --out /tmp/cutpaste.png
     python classify.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128 \\
         --synthetic cutpaste

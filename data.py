@@ -1,11 +1,11 @@
-"""Data for the study: MVTec AD folder layout, seeded experiment splits, 512 px transforms, and a synthetic generator.
+"""Data for every script: the MVTec AD folder layout and its checks, the images and masks read from it, the 512 px
+transforms and the torch loader over them, and the result files every script writes (JSON, scores.csv, overlays).
+The layout and the loader are one file because they read the same files: a bad one fails here, with one sentence
+that names the path. The experiment splits are in splits.py, the synthetic generator in synthetic.py.
 
-Every script reads images through this file, so bad input fails here with one sentence that names the path.
-
-    python data.py synth --out /tmp/s --size 128 --seed 0          # synthetic MVTec-layout tree (weave, washer)
+    python synthetic.py --out /tmp/s --size 128 --seed 0            # a synthetic MVTec-layout tree (weave, washer)
     python data.py check --data-root /tmp/s --category weave        # counts per folder, or the error
-    python data.py split --data-root /tmp/s --category weave --scenario all-types --k 5 --out /tmp/split.json
-    python data.py split --data-root /tmp/s --category weave --scenario hard --k 10 --held-out hole --out /tmp/h.json
+    python data.py check --data-root ~/mvtec --category bottle
 """
 from __future__ import annotations
 
@@ -30,13 +30,6 @@ from PIL import Image
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-SCENARIOS = ("all-types", "unseen-type", "few-shot")
-OPEN_SET_SCENARIOS = ("general", "hard")  # DRA's open-set protocol (Ding et al., CVPR 2022), see open_set_split
-POOL_FRACTION = 0.5  # at most half of each test folder may be given to the classifier; the rest is evaluated
-# Open-set protocol: every test image not labelled is evaluated, so the normal images that set thresholds and
-# calibrate the fused detector come from train/good instead: a seeded 10 % of it, held out from both methods' training.
-HELDOUT_TRAIN_FRACTION = 0.1
-SYNTH_DEFECTS = ("scratch", "hole", "stain", "missing")
 # Decoded images kept in memory by resized_image (classify.py reads every image once per epoch): at 512 px an RGB
 # image is 0.79 MB, so 400 images take 315 MB and the cache at most 400 MB, per process (each loader worker has one).
 IMAGE_CACHE = 512
@@ -304,166 +297,6 @@ def make_loader(samples: Sequence[Sample], image_size: int, mean, std, batch_siz
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Experiment splits (evaluate.py's protocol). Per category and seed, every test folder is shuffled once and cut into
-# a pool (at most half: the classifier may train on defects from it; its good images are held-out normals for
-# validation and thresholds) and an evaluation part. Every scenario evaluates on the evaluation parts only, so
-# PatchCore, which never sees a defect, is scored once per category and seed and reused across scenarios.
-# ----------------------------------------------------------------------------------------------------------------
-def pool_and_eval(test: Sequence[Sample], seed: int) -> dict[str, tuple[list[Sample], list[Sample]]]:
-    """{defect_type: (pool, eval)}: a seeded shuffle of each test folder, floor(n * POOL_FRACTION) go to the pool."""
-    out = {}
-    for t in sorted({s.defect_type for s in test}):
-        group = sorted((s for s in test if s.defect_type == t), key=lambda s: s.rel)  # independent of input order
-        # One generator per (seed, folder name): adding a folder does not reshuffle the others.
-        rng = np.random.default_rng([seed, *t.encode()])
-        group = [group[i] for i in rng.permutation(len(group))]
-        n_pool = int(len(group) * POOL_FRACTION)
-        out[t] = (group[:n_pool], group[n_pool:])
-    return out
-
-
-def make_split(test: Sequence[Sample], category: str, seed: int, scenario: str, k: int | None,
-               held_out: str | None = None) -> dict:
-    """Which test images the classifier may train on and which form the shared evaluation set (relative paths).
-
-    all-types / few-shot: k defect images of every type from its pool (k=None: the whole pool).
-    unseen-type: k of every type except `held_out`; evaluated on good + the held-out type only.
-    """
-    if scenario not in SCENARIOS:
-        raise DataError(f"unknown scenario '{scenario}' (expected one of {', '.join(SCENARIOS)})")
-    parts = pool_and_eval(test, seed)
-    types = [t for t in parts if t != "good"]
-    if scenario == "unseen-type":
-        if len(types) < 2:
-            raise DataError(f"category {category} has {len(types)} defect type; unseen-type needs at least 2")
-        if held_out not in types:
-            raise DataError(f"held-out type '{held_out}' is not a defect type of {category} ({', '.join(types)})")
-    elif held_out is not None:
-        raise DataError(f"--held-out is only used by the unseen-type scenario, not {scenario}")
-    if k is not None and k < 0:
-        raise DataError(f"k must be >= 0, got {k}")
-    train_types = [t for t in types if t != held_out]
-    eval_types = ["good", held_out] if scenario == "unseen-type" else ["good", *types]
-    return {
-        "category": category, "seed": seed, "scenario": scenario, "k": k, "held_out": held_out,
-        "train_defects": [s.rel for t in train_types for s in parts[t][0][:k]],
-        "heldout_good": [s.rel for s in parts["good"][0]] if "good" in parts else [],
-        "eval": [s.rel for t in eval_types if t in parts for s in parts[t][1]],
-    }
-
-
-def apply_split(test: Sequence[Sample], split: dict,
-                train: Sequence[Sample] = ()) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """(train defects, held-out good, evaluation samples) of a split, checking every listed path exists. Held-out
-    good images are test/good images (pool protocol) or train/good images (open-set protocol): pass `train`."""
-    by_rel = {s.rel: s for s in (*test, *train)}
-    missing = [r for key in ("train_defects", "heldout_good", "eval") for r in split[key] if r not in by_rel]
-    if missing:
-        raise DataError(f"split file lists {len(missing)} images that are not in the category "
-                        f"(first: {missing[0]}); was it made for another category or data root?")
-    return tuple([by_rel[r] for r in split[key]] for key in ("train_defects", "heldout_good", "eval"))
-
-
-def without_heldout(train: Sequence[Sample], heldout_good: Sequence[Sample]) -> list[Sample]:
-    """train/good minus the split's held-out normals (open-set protocol: neither method trains on them)."""
-    held = {s.rel for s in heldout_good}
-    return [s for s in train if s.rel not in held]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# DRA's open-set protocol (Ding et al., "Catching Both Gray and Black Swans", CVPR 2022, Sec. 4.1), the protocol of
-# the published open-set tables. No pool: M labelled anomalies are drawn from the test set and removed from it, and
-# every other test image is evaluated.
-#   general: M anomalies drawn from all defect images of the category (not per type); evaluated on the rest.
-#   hard:    M anomalies of one known type; evaluated on test/good + every image of the other types (all unseen; the
-#            known type's other images are left out).
-# Normal images for thresholds and calibration: a seeded 10 % of train/good, the same for every run of a seed.
-# ----------------------------------------------------------------------------------------------------------------
-def heldout_train_good(train: Sequence[Sample], seed: int) -> list[Sample]:
-    """A seeded HELDOUT_TRAIN_FRACTION of train/good (at least 2 images), held out from both methods' training."""
-    group = sorted(train, key=lambda s: s.rel)
-    n = max(2, round(len(group) * HELDOUT_TRAIN_FRACTION))
-    if len(group) < n + 1:
-        raise DataError(f"train/good has {len(group)} images; the open-set protocol holds {n} out for thresholds "
-                        f"and needs at least one more to train on")
-    rng = np.random.default_rng([seed, *b"heldout/train"])
-    return [group[i] for i in sorted(rng.permutation(len(group))[:n])]
-
-
-def check_m(m, what: str, minimum: int = 1) -> int:
-    """M of the open-set protocol: a whole number >= minimum (1, or 0 where no labelled anomaly is a valid split),
-    or one sentence."""
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < minimum:
-        kind, examples = ("positive", "1 or 10") if minimum > 0 else ("non-negative", "0, 1 or 10")
-        raise DataError(f"{what} must be a {kind} whole number of labelled anomalies, got {m!r} (e.g. {examples})")
-    return int(m)
-
-
-def open_set_split(train: Sequence[Sample], test: Sequence[Sample], category: str, seed: int, scenario: str,
-                   m: int, known: str | None = None) -> dict:
-    """The classifier's M labelled anomalies and the evaluation set of DRA's general or hard scenario (relative
-    paths). Draws are seeded by (seed, scenario[, known type]); a smaller M takes the first images of a larger M's
-    draw. PatchCore trains on no test image, so one PatchCore run per seed scores every evaluation set. general
-    allows M = 0 (no labelled anomaly: classify.py --synthetic cutpaste); hard needs M >= 1 (its known type)."""
-    if scenario not in OPEN_SET_SCENARIOS:
-        raise DataError(f"unknown open-set scenario '{scenario}' (expected one of {', '.join(OPEN_SET_SCENARIOS)})")
-    m = check_m(m, "--general-m", minimum=0) if scenario == "general" else check_m(m, "--hard-m")
-    defects = sorted((s for s in test if s.label == 1), key=lambda s: s.rel)  # independent of input order
-    types = sorted({s.defect_type for s in defects})
-    if scenario == "general":
-        if known is not None:
-            raise DataError("a known defect type is only used by the hard scenario, not general")
-        if m > len(defects):
-            raise DataError(f"--general-m {m} is larger than the {len(defects)} defect images of {category}; "
-                            f"choose M <= {len(defects)}")
-        rng = np.random.default_rng([seed, *b"general"])
-        labelled = [defects[i] for i in rng.permutation(len(defects))[:m]]
-        eval_types = None
-    else:
-        if len(types) < 2:
-            raise DataError(f"category {category} has {len(types)} defect type; the hard scenario evaluates on the "
-                            f"other types and needs at least 2 (use general)")
-        if known not in types:
-            raise DataError(f"known type '{known}' is not a defect type of {category} ({', '.join(types)})")
-        group = [s for s in defects if s.defect_type == known]
-        rng = np.random.default_rng([seed, *f"hard/{known}".encode()])
-        labelled = [group[i] for i in rng.permutation(len(group))[:m]]  # fewer if the type has fewer
-        eval_types = {"good", *types} - {known}
-    taken = {s.rel for s in labelled}
-    evaluated = [s.rel for s in sorted(test, key=lambda s: (s.defect_type, s.rel))
-                 if s.rel not in taken and (eval_types is None or s.defect_type in eval_types)]
-    return {"category": category, "seed": seed, "scenario": scenario, "k": m, "known": known, "held_out": None,
-            "train_defects": [s.rel for s in labelled],
-            "heldout_good": [s.rel for s in heldout_train_good(train, seed)],
-            "eval": evaluated}
-
-
-def open_set_patchcore_split(train: Sequence[Sample], test: Sequence[Sample], category: str, seed: int) -> dict:
-    """PatchCore's split of the open-set protocol: every test image scored (each general/hard evaluation set is a
-    subset of it), the seed's held-out train/good images left out of the memory bank for its threshold."""
-    return {"category": category, "seed": seed, "scenario": "open-set", "k": 0, "known": None, "held_out": None,
-            "train_defects": [], "heldout_good": [s.rel for s in heldout_train_good(train, seed)],
-            "eval": [s.rel for s in sorted(test, key=lambda s: (s.defect_type, s.rel))]}
-
-
-def write_split(split: dict, path: str | Path) -> None:
-    """Write a split as JSON (atomically)."""
-    write_json(path, split)
-
-
-def read_split(path: str | Path) -> dict:
-    """Read a split JSON written by write_split."""
-    try:
-        split = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read split file {path}: {e}") from None
-    for key in ("category", "train_defects", "heldout_good", "eval"):
-        if key not in split:
-            raise DataError(f"split file {path} has no '{key}' entry (write it with `python data.py split`)")
-    return split
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Result files shared by every script: atomic writes, run info, scores.csv, overlays
 # ----------------------------------------------------------------------------------------------------------------
 def write_json(path: str | Path, obj) -> None:
@@ -580,164 +413,26 @@ def save_overlay(path: str | Path, image: Image.Image, amap: np.ndarray, mask: n
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Synthetic MVTec-layout data: a periodic texture ("weave") and a centred object ("washer"), each with four
-# visually different defect types painted from the same boolean array that becomes the mask (pixel-exact).
-# Normal images vary in lighting, colour, noise and position so that the task is not trivial.
-# ----------------------------------------------------------------------------------------------------------------
-def synth_weave(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A normal woven texture: (size, size, 3) float in [0, 1]."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    period = size / 10 * rng.uniform(0.95, 1.05)
-    phase_x, phase_y = rng.uniform(0, 2 * np.pi, 2)
-    warp = np.sin(2 * np.pi * x / period + phase_x) * (np.sin(2 * np.pi * y / (2 * period) + phase_y) > 0)
-    weft = np.sin(2 * np.pi * y / period + phase_y) * (np.sin(2 * np.pi * y / (2 * period) + phase_y) <= 0)
-    gray = 0.5 + 0.18 * (warp + weft)
-    base = np.array([0.62, 0.48, 0.32]) * rng.uniform(0.96, 1.04, 3)  # brown cloth, slight colour drift
-    return gray[..., None] * base * 1.6
-
-
-def synth_washer(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A normal metal washer on a dark background: image (size, size, 3) and its object mask (size, size)."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    cy, cx = size / 2 + rng.uniform(-size / 32, size / 32, 2)  # small shifts
-    r = np.hypot(y - cy, x - cx)
-    outer, inner = size * rng.uniform(0.34, 0.36), size * 0.15
-    ring = (r < outer) & (r > inner)
-    shade = 0.55 + 0.25 * (x - cx) / size - 0.15 * (y - cy) / size + 0.08 * np.cos(r / size * 40)  # brushed metal
-    image = np.full((size, size, 3), 0.12) + 0.03 * np.sin(x / size * 6)[..., None]
-    image[ring] = shade[ring, None] * np.array([0.9, 0.92, 1.0])
-    return image, ring
-
-
-def disk(size: int, cy: float, cx: float, radius: float) -> np.ndarray:
-    """Boolean disk (size, size)."""
-    y, x = np.mgrid[0:size, 0:size]
-    return np.hypot(y - cy, x - cx) <= radius
-
-
-def paint_defect(rng: np.random.Generator, image: np.ndarray, kind: str, where: np.ndarray,
-                 background: np.ndarray) -> np.ndarray:
-    """Paint one defect of `kind` centred on a random pixel of `where`; return its mask (size, size) bool."""
-    size = image.shape[0]
-    ys, xs = np.nonzero(where)
-    i = rng.integers(len(ys))
-    cy, cx = ys[i], xs[i]
-    if kind == "scratch":  # a thin bright line
-        angle, length = rng.uniform(0, np.pi), size * rng.uniform(0.25, 0.45)
-        t = np.linspace(-0.5, 0.5, 4 * size)
-        py = np.clip(np.round(cy + t * length * np.sin(angle)), 0, size - 1).astype(int)
-        px = np.clip(np.round(cx + t * length * np.cos(angle)), 0, size - 1).astype(int)
-        mask = np.zeros((size, size), dtype=bool)
-        mask[py, px] = True
-        if size >= 96:  # two pixels wide at larger sizes
-            mask[np.clip(py + 1, 0, size - 1), px] = True
-        image[mask] = 0.95
-    elif kind == "hole":  # a dark round hole
-        mask = disk(size, cy, cx, size * rng.uniform(0.04, 0.07))
-        image[mask] = 0.03
-    elif kind == "stain":  # a translucent blue-green blot of irregular shape
-        mask = disk(size, cy, cx, size * rng.uniform(0.05, 0.08))
-        mask |= disk(size, cy + rng.uniform(-1, 1) * size * 0.05, cx + rng.uniform(-1, 1) * size * 0.05,
-                     size * rng.uniform(0.03, 0.05))
-        image[mask] = 0.4 * image[mask] + 0.6 * np.array([0.15, 0.45, 0.5])
-    elif kind == "missing":  # a piece gone: the region shows the flat `background` colour
-        half = size * rng.uniform(0.06, 0.1)
-        mask = np.zeros((size, size), dtype=bool)
-        mask[max(0, int(cy - half)):int(cy + half), max(0, int(cx - half)):int(cx + half)] = True
-        mask &= where
-        image[mask] = background
-    else:
-        raise ValueError(f"unknown synthetic defect '{kind}'")
-    return mask
-
-
-def synth_image(rng: np.random.Generator, category: str, size: int, defect: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic image (size, size, 3) uint8 and its defect mask (size, size) bool."""
-    if category == "weave":
-        image, where = synth_weave(rng, size), np.ones((size, size), dtype=bool)
-        margin = size // 8  # keep defects away from the border
-        where[:margin], where[-margin:], where[:, :margin], where[:, -margin:] = False, False, False, False
-        background = image.mean(axis=(0, 1))  # a missing piece of cloth looks like flat, pattern-less cloth
-    else:
-        image, where = synth_washer(rng, size)
-        background = np.full(3, 0.12)  # a missing piece of washer shows the dark background
-    mask = paint_defect(rng, image, defect, where, background) if defect else np.zeros((size, size), dtype=bool)
-    image = image * rng.uniform(0.85, 1.15)  # lighting
-    image = image + rng.normal(0, 0.02, image.shape)  # sensor noise
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), mask
-
-
-def generate_synthetic(out: str | Path, size: int = 128, seed: int = 0, n_train: int = 40, n_test_good: int = 12,
-                       n_defect: int = 8, categories: Sequence[str] = ("weave", "washer")) -> Path:
-    """Write a synthetic MVTec-layout tree: <out>/<category>/{train/good, test/*, ground_truth/*}. Same seed, same bytes."""
-    out = Path(out)
-    for ci, category in enumerate(categories):
-        if category not in ("weave", "washer"):
-            raise DataError(f"unknown synthetic category '{category}' (expected weave or washer)")
-        rng = np.random.default_rng([seed, ci])
-        jobs = [("train", "good", None, i) for i in range(n_train)]
-        jobs += [("test", "good", None, i) for i in range(n_test_good)]
-        jobs += [("test", d, d, i) for d in SYNTH_DEFECTS for i in range(n_defect)]
-        for split, folder, defect, i in jobs:
-            image, mask = synth_image(rng, category, size, defect)
-            path = out / category / split / folder / f"{i:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(path)
-            if defect:
-                mask_path = out / category / "ground_truth" / folder / f"{i:03d}_mask.png"
-                mask_path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-    return out
-
 
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write a synthetic MVTec-layout tree",
-                       formatter_class=HelpFormatter)
-    s.add_argument("--out", required=True)
-    s.add_argument("--size", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-train", type=int, default=40)
-    s.add_argument("--n-test-good", type=int, default=12)
-    s.add_argument("--n-defect", type=int, default=8, help="images per defect type")
-    for name, help_ in (("check", "print the folder counts of a category"), ("split", "write a split file")):
-        c = sub.add_parser(name, help=help_, formatter_class=HelpFormatter)
-        c.add_argument("--data-root", required=True)
-        c.add_argument("--category", required=True)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--scenario", choices=SCENARIOS + OPEN_SET_SCENARIOS, default="all-types")
-    c.add_argument("--k", type=int, default=None, help="defect images per type for the classifier (default: pool); "
-                   "general/hard: M, the labelled anomalies")
-    c.add_argument("--held-out", default=None, help="defect type left out (unseen-type); hard: the one known type")
-    c.add_argument("--out", required=True)
+    c = sub.add_parser("check", help="print the folder counts of a category", formatter_class=HelpFormatter)
+    c.add_argument("--data-root", required=True)
+    c.add_argument("--category", required=True)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        if args.command == "synth":
-            generate_synthetic(args.out, args.size, args.seed, args.n_train, args.n_test_good, args.n_defect)
-            print(f"wrote synthetic categories weave, washer ({args.size} px) to {args.out}")
-            return
         train, test = load_category(args.data_root, args.category)
-        if args.command == "check":
-            print(f"{'folder':<16}{'images':>8}{'masks':>8}")
-            print(f"{'train/good':<16}{len(train):>8}{'':>8}")
-            for t in sorted({s.defect_type for s in test}):
-                group = sorted((s for s in test if s.defect_type == t), key=lambda s: s.rel)  # independent of input order
-                print(f"{'test/' + t:<16}{len(group):>8}{sum(s.mask_path is not None for s in group):>8}")
-        else:
-            if args.scenario in OPEN_SET_SCENARIOS and args.k is None:
-                raise DataError(f"--scenario {args.scenario} needs --k M, the number of labelled anomalies (e.g. 10)")
-            split = open_set_split(train, test, args.category, args.seed, args.scenario, args.k, args.held_out) \
-                if args.scenario in OPEN_SET_SCENARIOS else \
-                make_split(test, args.category, args.seed, args.scenario, args.k, args.held_out)
-            write_split(split, args.out)
-            print(f"wrote {args.out}: {len(split['train_defects'])} training defects, {len(split['eval'])} eval images")
+        print(f"{'folder':<16}{'images':>8}{'masks':>8}")
+        print(f"{'train/good':<16}{len(train):>8}{'':>8}")
+        for t in sorted({s.defect_type for s in test}):
+            group = sorted((s for s in test if s.defect_type == t), key=lambda s: s.rel)  # independent of input order
+            print(f"{'test/' + t:<16}{len(group):>8}{sum(s.mask_path is not None for s in group):>8}")
     except DataError as e:
         sys.exit(f"error: {e}")
 

@@ -29,18 +29,20 @@ import classify
 import data
 import patchcore
 import report
+import splits
+import synthetic
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The study. Pool protocol (all-types, unseen-type, few-shot): per category and seed, data.make_split cuts every test
+# The study. Pool protocol (all-types, unseen-type, few-shot): per category and seed, splits.make_split cuts every test
 # folder into a pool (the classifier may learn from its defects) and an evaluation part, and every run of that
 # (category, seed) is scored on evaluation parts only. Open-set protocol (general, hard; DRA's, the protocol of the
-# published tables): data.open_set_split draws M labelled anomalies and evaluates every other test image it keeps.
+# published tables): splits.open_set_split draws M labelled anomalies and evaluates every other test image it keeps.
 # Either way PatchCore is scored on exactly the classifier's evaluation images. The classifier's arms (--synthetic):
 # "none", labelled anomalies only, and "cutpaste", the same split plus CutPaste synthetic defects made from its normal
 # images (issue 21); an arm's run folder is the split's tag plus "-cutpaste", and it reads the same split file.
 # ----------------------------------------------------------------------------------------------------------------
-STUDY_SCENARIOS = ("all-types", "unseen-type", "few-shot", *data.OPEN_SET_SCENARIOS)
+STUDY_SCENARIOS = ("all-types", "unseen-type", "few-shot", *splits.OPEN_SET_SCENARIOS)
 SYNTHETIC = ("none", "cutpaste")  # classify.py --synthetic
 # The README's first command: synthetic data, EfficientNet-Lite0 for both methods (offline weights), 128 px, CPU.
 DEMO = dict(categories="weave,washer", scenarios=",".join(STUDY_SCENARIOS), seeds="0", k_values="1,2,4",
@@ -70,27 +72,27 @@ def plan_splits(test, category: str, seed: int, args) -> list[dict]:
         ks |= set(parse_k(args.few_shot_k))
     if "unseen-type" in args.scenarios:
         ks.add(args.unseen_k)
-    splits, seen_sizes = [], set()
+    planned, seen_sizes = [], set()
     for k in sorted(ks, key=lambda k: float("inf") if k is None else k):
-        split = data.make_split(test, category, seed, "all-types", k)
+        split = splits.make_split(test, category, seed, "all-types", k)
         n = len(split["train_defects"])
         if n in seen_sizes or n == 0:  # k above every pool repeats a smaller k's training set: run it once
             continue
         seen_sizes.add(n)
-        splits.append({**split, "tag": k_tag(k), "role": "all-types"})
+        planned.append({**split, "tag": k_tag(k), "role": "all-types"})
     types = sorted({s.defect_type for s in test} - {"good"})
     if "unseen-type" in args.scenarios:
         if len(types) < 2:
             print(f"{category}: one defect type only, skipping the unseen-type scenario")
         # The "seen" reference of an unseen-type run: the all-types run with the same k, i.e. the same training
         # images of the other types plus the held-out type's own.
-        seen = data.make_split(test, category, seed, "all-types", args.unseen_k)["train_defects"]
-        reference = next((s["tag"] for s in splits if s["train_defects"] == seen), None)
+        seen = splits.make_split(test, category, seed, "all-types", args.unseen_k)["train_defects"]
+        reference = next((s["tag"] for s in planned if s["train_defects"] == seen), None)
         for t in types if len(types) >= 2 else []:
-            split = data.make_split(test, category, seed, "unseen-type", args.unseen_k, held_out=t)
-            splits.append({**split, "tag": f"unseen-{t}-{k_tag(args.unseen_k)}", "role": "unseen-type",
+            split = splits.make_split(test, category, seed, "unseen-type", args.unseen_k, held_out=t)
+            planned.append({**split, "tag": f"unseen-{t}-{k_tag(args.unseen_k)}", "role": "unseen-type",
                            "reference": reference})
-    return splits
+    return planned
 
 
 def parse_m(text: str, flag: str, zero: bool = False) -> list[int]:
@@ -120,20 +122,20 @@ def plan_open_set(train, test, category: str, seed: int, args) -> list[dict]:
     """The classifier's splits of DRA's open-set protocol for one (category, seed): general-<M> for every M of
     --general-m, hard-<type> for every defect type (M = --hard-m, fewer if the type has fewer). Each split lists
     the arms (--synthetic) trained on it: general-0 has no labelled anomaly, so only the CutPaste arm."""
-    splits, arms = [], parse_synthetic(args.synthetic)
+    planned, arms = [], parse_synthetic(args.synthetic)
     if "general" in args.scenarios:
         for m in sorted(set(parse_m(args.general_m, "--general-m", zero="cutpaste" in arms))):
-            split = data.open_set_split(train, test, category, seed, "general", m)
-            splits.append({**split, "tag": f"general-{m}", "role": "general",
+            split = splits.open_set_split(train, test, category, seed, "general", m)
+            planned.append({**split, "tag": f"general-{m}", "role": "general",
                            "arms": [a for a in arms if m > 0 or a != "none"]})
     if "hard" in args.scenarios:
         m = parse_m(args.hard_m, "--hard-m")
         if len(m) != 1:
             raise data.DataError(f"--hard-m takes one number (labelled anomalies of the known type), got '{args.hard_m}'")
         for t in sorted({s.defect_type for s in test} - {"good"}):
-            split = data.open_set_split(train, test, category, seed, "hard", m[0], known=t)
-            splits.append({**split, "tag": f"hard-{t}", "role": "hard", "held_out": t, "arms": arms})
-    return splits
+            split = splits.open_set_split(train, test, category, seed, "hard", m[0], known=t)
+            planned.append({**split, "tag": f"hard-{t}", "role": "hard", "held_out": t, "arms": arms})
+    return planned
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -163,8 +165,8 @@ def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
     seeds = parse_k(args.seeds)
     if None in seeds:
         raise data.DataError(f"--seeds takes whole numbers, got '{args.seeds}'")
-    pool = [s for s in args.scenarios if s not in data.OPEN_SET_SCENARIOS]
-    open_set = [s for s in args.scenarios if s in data.OPEN_SET_SCENARIOS]
+    pool = [s for s in args.scenarios if s not in splits.OPEN_SET_SCENARIOS]
+    open_set = [s for s in args.scenarios if s in splits.OPEN_SET_SCENARIOS]
     if pool and "none" not in parse_synthetic(args.synthetic):
         raise data.DataError(f"the CutPaste arm runs in the open-set scenarios only; {', '.join(pool)} train the "
                              f"plain classifier, so --synthetic must include none")
@@ -176,8 +178,8 @@ def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
             info = dict(category=category, seed=seed)  # no data root: study folders are committed and moved
             # PatchCore never sees a defect: fit once on train/good, score every evaluation image of the protocol
             # (pool: the all-types evaluation set; open-set: every test image, its held-out normals from train/good)
-            pc_splits = ([("all", "all-types", data.make_split(test, category, seed, "all-types", None))] if pool else []) + \
-                ([("open-set", "open-set", data.open_set_patchcore_split(train, test, category, seed))] if open_set else [])
+            pc_splits = ([("all", "all-types", splits.make_split(test, category, seed, "all-types", None))] if pool else []) + \
+                ([("open-set", "open-set", splits.open_set_patchcore_split(train, test, category, seed))] if open_set else [])
             for tag, role, split in pc_splits:
                 pc_args = common + ["--category", category, "--backbone", args.patchcore_backbone, "--seed", str(seed),
                                     "--weights", args.patchcore_weights or args.weights, "--search", args.search,
@@ -189,9 +191,9 @@ def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
                              split, base / "splits" / f"{tag}.json",
                              lambda a=pc_args: patchcore.run(patchcore.parse_args(a))))
             # The classifier: one training run per split and arm, every arm reading the split's one file
-            splits = (plan_splits(test, category, seed, args) if pool else []) + \
+            cl_splits = (plan_splits(test, category, seed, args) if pool else []) + \
                 plan_open_set(train, test, category, seed, args)
-            for split in splits:
+            for split in cl_splits:
                 for arm in split.get("arms", ["none"]):  # the pool protocol: the plain classifier only
                     tag = split["tag"] + ("" if arm == "none" else f"-{arm}")  # general-10, general-10-cutpaste
                     run_dir = base / "classify" / tag
@@ -241,7 +243,7 @@ def run_study(args) -> None:
               f"-> {run_dir}{time_left(left, seconds)}", flush=True)
         t0 = time.perf_counter()
         split_file.parent.mkdir(parents=True, exist_ok=True)
-        data.write_split(split, split_file)  # the seeded draw, listing every labelled and evaluation image
+        splits.write_split(split, split_file)  # the seeded draw, listing every labelled and evaluation image
         call()
         seconds.setdefault(method, []).append(time.perf_counter() - t0)
         data.write_json(run_dir / "study.json", {**info, "wall_seconds": seconds[method][-1]})
@@ -275,7 +277,7 @@ def plot_heatmaps(study_dir: Path, shown: list[tuple[str, int, str, str]], data_
     panels = []
     for c, seed, scenario, tag in shown:
         base = study_dir / c / f"seed{seed}"
-        pc_dir = base / "patchcore" / ("open-set" if scenario in data.OPEN_SET_SCENARIOS else "all")
+        pc_dir = base / "patchcore" / ("open-set" if scenario in splits.OPEN_SET_SCENARIOS else "all")
         cl_dir = base / "classify" / tag
         if not cl_dir.is_dir():  # a split trained by the CutPaste arm only (general-0, or --synthetic cutpaste)
             cl_dir = base / "classify" / f"{tag}-cutpaste"
@@ -373,7 +375,7 @@ def run(args: argparse.Namespace) -> str:
         if args.demo:
             args.data_root = study_dir / "data"
             if not (args.data_root / "washer").is_dir():
-                data.generate_synthetic(args.data_root, size=128, seed=0)
+                synthetic.generate_synthetic(args.data_root, size=128, seed=0)
         if args.data_root is None or args.categories is None:
             raise data.DataError("a study needs --data-root and --categories (or --demo, or --runs FOLDER)")
         args.scenarios = [s.strip() for s in args.scenarios.split(",")]

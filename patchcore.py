@@ -3,7 +3,7 @@
 Fit on normal images only: mid-level patch features of a pretrained CNN -> greedy coreset memory bank. Score a test
 image by the distance of each of its patches to the nearest patch in the bank (FAISS); the image score is the largest.
 
-    python data.py synth --out /tmp/s --size 128
+    python synthetic.py --out /tmp/s --size 128
     python patchcore.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128
     python patchcore.py --data-root ~/mvtec --category bottle        # the paper's WideResNet-50, 512 px
 """
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import backbones
 import data
+import splits
 from metrics import compute_metrics, normal_threshold, operating_point
 
 SIGMA = 4  # Gaussian blur of the upsampled anomaly map, in pixels (paper, Sec. 3.3 / official code)
@@ -671,11 +672,11 @@ def run(args: argparse.Namespace) -> dict:
     train, test = data.load_category(args.data_root, args.category)
     heldout_good = []
     if args.split:  # the shared evaluation set of evaluate.py's protocol (PatchCore never uses the defects)
-        split = data.read_split(args.split)
+        split = splits.read_split(args.split)
         if split["category"] != args.category:
             raise data.DataError(f"split file {args.split} is for category '{split['category']}', not '{args.category}'")
-        _, heldout_good, test = data.apply_split(test, split, train)
-        train = data.without_heldout(train, heldout_good)  # open-set protocol: its normals held out of train/good
+        _, heldout_good, test = splits.apply_split(test, split, train)
+        train = splits.without_heldout(train, heldout_good)  # open-set protocol: its normals held out of train/good
     out_dir = Path(args.out_dir or f"runs/patchcore/{args.category}")
 
     with data.atomic_dir(out_dir) as tmp:
@@ -775,7 +776,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=data.default_workers(),
                    help="DataLoader worker processes (default for this machine: 0 on <= 2 cores, else "
                         "min(8, cores - 1)); the same seed gives the same results for any number")
-    p.add_argument("--split", default=None, help="split JSON from data.py: score only its evaluation images")
+    p.add_argument("--split", default=None, help="split JSON from splits.py: score only its evaluation images")
     p.add_argument("--load", default=None,
                    help="memory_bank folder (or run folder) to reuse instead of fitting; its settings fix "
                         f"{' '.join(map(flag, FIXED_BY_BANK))}, which may then not be given; "

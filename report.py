@@ -22,6 +22,7 @@ import numpy as np
 
 import data
 import metrics
+import splits
 
 TABLE_METRICS = ("image_auroc", "average_precision", "f1_max", "recall_at_threshold", "fpr_at_threshold",
                  "pixel_auroc", "aupro")
@@ -159,7 +160,7 @@ def collect(study_dir: Path) -> list[Scored]:
             out += [replace(run, scenario=s) for s in (("open-set",) if info["role"] == "open-set" else
                                                        ("all-types", "few-shot"))]
             continue
-        if info["role"] in ("unseen-type", *data.OPEN_SET_SCENARIOS):
+        if info["role"] in ("unseen-type", *splits.OPEN_SET_SCENARIOS):
             sets = [replace(run, scenario=info["role"])]
         else:
             sets = [replace(run, scenario=s) for s in ("all-types", "few-shot")]
@@ -167,13 +168,13 @@ def collect(study_dir: Path) -> list[Scored]:
                 keep = run.paths[(run.types == "good") | (run.types == t)]
                 sets.append(run.on(keep, scenario="seen-type", held_out=t))
         out += sets
-        protocol = "open-set" if info["role"] in data.OPEN_SET_SCENARIOS else "all-types"
+        protocol = "open-set" if info["role"] in splits.OPEN_SET_SCENARIOS else "all-types"
         pc, pc_normals = pcs.get((run.category, run.seed, protocol), (None, {}))
         for cl in sets if pc is not None else []:
             key = (cl.category, cl.seed, cl.scenario, cl.tag, cl.held_out)  # a split's arms share its images
             if cl.scenario in ("unseen-type", "seen-type") and key not in pc_sets:
                 out.append(pc.on(cl.paths, scenario=cl.scenario, held_out=cl.held_out))
-            elif cl.scenario in data.OPEN_SET_SCENARIOS and key not in pc_sets:  # tagged as the split's runs
+            elif cl.scenario in splits.OPEN_SET_SCENARIOS and key not in pc_sets:  # tagged as the split's runs
                 out.append(pc.on(cl.paths, scenario=cl.scenario, held_out=cl.held_out, tag=cl.tag))
             pc_sets.add(key)
             fused = fuse(pc, pc_normals, cl, heldout)
@@ -224,7 +225,7 @@ def comparisons(scored: list[Scored]) -> list[tuple[str, Scored, Scored]]:
     same M), its fused detector against PatchCore."""
     out = []
     for c in (s for s in scored if s.method in CLASSIFIERS
-              and s.scenario in ("all-types", "unseen-type", *data.OPEN_SET_SCENARIOS)):
+              and s.scenario in ("all-types", "unseen-type", *splits.OPEN_SET_SCENARIOS)):
         pc = partner(scored, c, "patchcore")
         arm = c.method.removeprefix("classifier")  # "" or "+cutpaste"
         fused = partner(scored, c, f"fused{arm}", tag=c.tag)

@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import synthetic  # noqa: E402
 
 
 def one(code: Path, args: argparse.Namespace, workers: int | None, out: Path) -> dict:
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.data_root is None:
-            args.data_root = data.generate_synthetic(tmp / "data", size=args.image_size, seed=0)
+            args.data_root = synthetic.generate_synthetic(tmp / "data", size=args.image_size, seed=0)
         configs = ([(Path(args.before), None)] if args.before else []) + \
             [(ROOT, int(w)) for w in args.workers.split(",") if w.strip()]
         rows = [one(code, args, workers, tmp / f"run{i}") for i, (code, workers) in enumerate(configs)]

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import backbones  # noqa: E402
 import data  # noqa: E402
 import patchcore  # noqa: E402
+import synthetic  # noqa: E402
 
 
 def same_order(fast: np.ndarray, plain: np.ndarray) -> tuple[bool, int, bool]:
@@ -46,8 +47,8 @@ def category_data(args: argparse.Namespace, tmp: str) -> tuple[list, list, str]:
     root, category = args.data_root, args.category
     if root is None:
         root, category = tmp, "weave"
-        data.generate_synthetic(tmp, size=args.size, seed=0, n_train=args.n_train, n_test_good=args.n_test,
-                                n_defect=1, categories=("weave",))
+        synthetic.generate_synthetic(tmp, size=args.size, seed=0, n_train=args.n_train, n_test_good=args.n_test,
+                                     n_defect=1, categories=("weave",))
     train, test = data.load_category(root, category)
     return train, test[:args.n_test], category
 

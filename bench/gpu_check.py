@@ -30,6 +30,7 @@ import classify  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import patchcore  # noqa: E402
+import synthetic  # noqa: E402
 
 CPU = torch.device("cpu")
 STUDY_IMAGES = dict(n_train=8, n_test_good=4, n_defect=4)  # per folder: pools of 2 per test folder, k <= 2
@@ -54,8 +55,8 @@ MAP_RTOL = 1e-3                            # Grad-CAM maps, relative to the larg
 # ----------------------------------------------------------------------------------------------------------------
 def study_data(root: Path, size: int) -> Path:
     """The study's synthetic tree: weave with 8 train/good, 4 test/good and 4 images of each of 2 defect types."""
-    data.generate_synthetic(root, size=size, seed=0, categories=("weave",), **STUDY_IMAGES)
-    for t in data.SYNTH_DEFECTS[STUDY_TYPES:]:
+    synthetic.generate_synthetic(root, size=size, seed=0, categories=("weave",), **STUDY_IMAGES)
+    for t in synthetic.SYNTH_DEFECTS[STUDY_TYPES:]:
         shutil.rmtree(root / "weave" / "test" / t), shutil.rmtree(root / "weave" / "ground_truth" / t)
     return root
 
@@ -365,9 +366,9 @@ def run(args: argparse.Namespace) -> dict:
         train, test = data.load_category(root, "weave")
         weights = calibrated_weights(args.classifier_backbone, train + test, args.image_size,
                                      work / f"{args.classifier_backbone}_bn_calibrated.pt")
-        timing_root = data.generate_synthetic(work / "timing", size=args.image_size, seed=1, n_train=args.n_images,
-                                              n_test_good=args.n_images // 4, n_defect=max(1, args.n_images // 8),
-                                              categories=("weave",))
+        timing_root = synthetic.generate_synthetic(work / "timing", size=args.image_size, seed=1,
+                                                   n_train=args.n_images, n_test_good=args.n_images // 4,
+                                                   n_defect=max(1, args.n_images // 8), categories=("weave",))
         # Strict: the study on the GPU (first: a broken GPU path fails in seconds) and on the CPU, the CPU's models
         # scored again on both devices
         dirs = {}

@@ -13,6 +13,7 @@ import backbones
 import classify
 import cutpaste
 import data
+import splits
 from conftest import truncated_copy
 from metrics import normal_threshold
 
@@ -37,7 +38,7 @@ def tiny_run(synth_root, tmp_path_factory):
 def general_split(root, category: str, m: int, path) -> str:
     """Write DRA's general split with M labelled anomalies (M=0: none) for seed 0; return its path."""
     train, test = data.load_category(root, category)
-    data.write_split(data.open_set_split(train, test, category, 0, "general", m), path)
+    splits.write_split(splits.open_set_split(train, test, category, 0, "general", m), path)
     return str(path)
 
 
@@ -192,7 +193,7 @@ def test_zero_label_classifier_ranks_defects_above_good_images(synth_root_128, t
 # ----------------------------------------------------------------------------------------------------------------
 def test_split_without_training_defects_is_refused(synth_root, tmp_path):
     _, test = data.load_category(synth_root, "weave")
-    data.write_split(data.make_split(test, "weave", 0, "few-shot", k=0), tmp_path / "split.json")
+    splits.write_split(splits.make_split(test, "weave", 0, "few-shot", k=0), tmp_path / "split.json")
     out = tmp_path / "runs" / "weave"
     with pytest.raises(SystemExit, match=r"^error: .*no defect image of weave to train on; a supervised classifier "
                                          r"cannot learn the defect class without examples"):
@@ -215,7 +216,7 @@ def test_split_without_training_defects_is_refused(synth_root, tmp_path):
 ])
 def test_bad_input_exits_with_one_sentence_and_writes_nothing(synth_root, tmp_path, change, message):
     _, test = data.load_category(synth_root, "washer")
-    data.write_split(data.make_split(test, "washer", 0, "all-types", k=None), tmp_path / "washer-split")
+    splits.write_split(splits.make_split(test, "washer", 0, "all-types", k=None), tmp_path / "washer-split")
     change = [str(tmp_path / c) if c == "washer-split" else c for c in change]
     argv = ["--data-root", str(synth_root), "--category", "weave", *TINY, "--out-dir", str(tmp_path / "runs" / "x")]
     for i in range(0, len(change), 2):
@@ -234,7 +235,7 @@ def test_bad_input_exits_with_one_sentence_and_writes_nothing(synth_root, tmp_pa
 # ----------------------------------------------------------------------------------------------------------------
 def test_validation_split_is_training_side_stratified_and_seeded(synth_root):
     train, test = data.load_category(synth_root, "washer")
-    defects, heldout, evaluated = data.apply_split(test, data.make_split(test, "washer", 0, "all-types", k=None))
+    defects, heldout, evaluated = splits.apply_split(test, splits.make_split(test, "washer", 0, "all-types", k=None))
     fit, val = classify.validation_split(train, defects, heldout, seed=0)
     assert sorted(s.rel for s in fit + val) == sorted(s.rel for s in train + defects + heldout)  # each once
     assert not {s.rel for s in fit + val} & {s.rel for s in evaluated}

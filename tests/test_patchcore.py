@@ -12,6 +12,7 @@ import torch
 import backbones
 import data
 import patchcore
+import splits
 from conftest import truncated_copy
 
 CPU = torch.device("cpu")
@@ -368,8 +369,8 @@ def test_batch_size_seed_and_save_load_do_not_change_scores(fitted_128, synth_ro
 # ---- the script: files, split, --load, bad input ---------------------------------------------------------------
 def test_main_writes_results_and_load_reuses_the_bank(synth_root, tmp_path):
     _, test = data.load_category(synth_root, "washer")
-    split = data.make_split(test, "washer", 0, "all-types", None)
-    data.write_split(split, tmp_path / "split.json")
+    split = splits.make_split(test, "washer", 0, "all-types", None)
+    splits.write_split(split, tmp_path / "split.json")
     out = tmp_path / "run"
     args = ["--data-root", str(synth_root), "--category", "washer", "--backbone", "efficientnet_lite0",
             "--image-size", "64", "--split", str(tmp_path / "split.json"), "--out-dir", str(out)]
