@@ -4,11 +4,12 @@ with pip) on the same categories, seeds and splits, accuracy beside time and mem
 For every backbone it runs (or resumes) the study's `general` scenario with M = 10 labelled anomalies into
 `--out/<backbone>` (evaluate.py, one backbone for both methods), then tabulates per category: PatchCore's image and
 pixel AUROC on the whole test set (its open-set run), the classifier's image AUROC at M = 10, and each method's
-training seconds, ms per test image and peak RSS (mean ± std over seeds). Timings are only comparable between runs
-that had the machine to themselves; the table says how many runs it averages.
+training seconds and ms per test image (mean ± std over seeds). Timings are only comparable between runs that had
+the machine to themselves. Peak RSS is the study process's peak when the classifier run ended: evaluate.py runs
+every run in one process, so it is the largest of that process's runs so far, not one run's own.
 
     python bench/bench_backbones.py --data-root ../shared/data --categories pill,transistor,screw,tire --seeds 0
-    python bench/bench_backbones.py --out results/backbones --table-only        # tabulate the saved runs
+    python bench/bench_backbones.py --table-only --also results/mvtec,results/tire   # tabulate the saved runs
     python bench/bench_backbones.py --data-root /tmp/s --categories weave --image-size 64 --epochs 1 --out /tmp/b
 """
 from __future__ import annotations
@@ -30,9 +31,8 @@ M = 10  # labelled anomalies of the classifier (DRA's general scenario)
 COLUMNS = (("PatchCore image AUROC", "patchcore", "image_auroc", 3), ("PatchCore pixel AUROC", "patchcore",
            "pixel_auroc", 3), (f"classifier M = {M} image AUROC", "classifier", "image_auroc", 3),
            ("PatchCore fit s", "patchcore", "fit_seconds", 0), ("PatchCore ms / image", "patchcore", "ms_per_image", 0),
-           ("PatchCore peak MB", "patchcore", "peak_rss_mb", 0), ("classifier train s", "classifier", "train_seconds", 0),
-           ("classifier ms / image", "classifier", "ms_per_image", 0), ("classifier peak MB", "classifier",
-           "peak_rss_mb", 0))
+           ("classifier train s", "classifier", "train_seconds", 0),
+           ("classifier ms / image", "classifier", "ms_per_image", 0), ("peak RSS MB", "classifier", "peak_rss_mb", 0))
 
 
 def run_backbone(backbone: str, args: argparse.Namespace) -> None:
@@ -45,15 +45,22 @@ def run_backbone(backbone: str, args: argparse.Namespace) -> None:
         "--device", args.device, "--out-dir", str(Path(args.out) / backbone)]))
 
 
-def collect(study: Path) -> dict[tuple[str, str], list[dict]]:
-    """{(category, method): [metrics.json of each seed]} of a backbone's study folder: PatchCore's open-set run
-    (every test image) and the classifier's general-M run."""
-    found = {}
-    for run in sorted(study.glob(f"*/seed*/*/*/study.json")):
-        info = json.loads(run.read_text())
-        if (info["method"], info["tag"]) in (("patchcore", "open-set"), ("classifier", f"general-{M}")):
+def collect(studies: list[Path], seeds: list[int]) -> dict[tuple[str, str, str], list[dict]]:
+    """{(category, backbone, method): [metrics.json of each seed]} of the study folders' runs that matter here:
+    PatchCore's open-set run (every test image) and the plain classifier's general-M run, of the given seeds, by
+    the backbone each run recorded (so the study's own folder can supply a backbone's rows)."""
+    found, seen = {}, set()
+    for study in studies:
+        for run in sorted(study.glob("*/seed*/*/*/study.json")):
+            info = json.loads(run.read_text())
+            if info["seed"] not in seeds or info.get("synthetic", "none") != "none" or \
+                    (info["method"], info["tag"]) not in (("patchcore", "open-set"), ("classifier", f"general-{M}")):
+                continue
             metrics = json.loads((run.parent / "metrics.json").read_text())
-            found.setdefault((info["category"], info["method"]), []).append(metrics)
+            key = (info["category"], metrics["args"]["backbone"], info["method"])
+            if (key, info["seed"]) not in seen:  # a run copied into two folders counts once
+                seen.add((key, info["seed"]))
+                found.setdefault(key, []).append(metrics)
     return found
 
 
@@ -66,23 +73,24 @@ def cell(values: list[float], digits: int) -> str:
     return mean if len(values) == 1 else f"{mean} ± {np.std(values, ddof=1):,.{digits}f}"
 
 
-def table(out: Path, names: list[str]) -> tuple[str, list[dict]]:
+def table(studies: list[Path], names: list[str], seeds: list[int]) -> tuple[str, list[dict]]:
     """The markdown table (one row per category and backbone) and its rows for the JSON file."""
-    lines = ["| category | backbone | parameters (M) | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
+    lines = ["| category | backbone | parameters, PatchCore / classifier (M) | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
              "|---|---|---|---|" + "---|" * len(COLUMNS)]
     rows = []
-    found = {name: collect(out / name) for name in names if (out / name).is_dir()}
-    for category in sorted({c for runs in found.values() for c, _ in runs}):
-        for name, runs in found.items():
-            pc, cl = runs.get((category, "patchcore"), []), runs.get((category, "classifier"), [])
+    runs = collect(studies, seeds)
+    for category in sorted({c for c, _, _ in runs}):
+        for name in names:
+            pc, cl = runs.get((category, name, "patchcore"), []), runs.get((category, name, "classifier"), [])
             if not pc and not cl:
                 continue
-            params = (pc or cl)[0]["params_millions"]
+            params = [m[0]["params_millions"] if m else None for m in (pc, cl)]
             row = {"category": category, "backbone": name, "params_millions": params, "seeds": max(len(pc), len(cl))}
             for title, method, key, _ in COLUMNS:
                 row[title] = [m.get(key) for m in (pc if method == "patchcore" else cl)]
             rows.append(row)
-            lines.append(f"| {category} | {name} | {params:.1f} | {row['seeds']} | "
+            lines.append(f"| {category} | {name} | {' / '.join('–' if p is None else f'{p:.1f}' for p in params)} | "
+                         f"{row['seeds']} | "
                          + " | ".join(cell(row[c[0]], c[3]) for c in COLUMNS) + " |")
     return "\n".join(lines), rows
 
@@ -96,7 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=10, help="classifier training epochs")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--table-only", action="store_true", help="only tabulate the runs already in --out")
+    p.add_argument("--table-only", action="store_true", help="only tabulate the runs already in --out (and --also)")
+    p.add_argument("--also", default="", help="more study folders to read runs from, comma-separated (e.g. the "
+                   "study's own results/mvtec, whose runs of the same settings need not be run twice)")
     p.add_argument("--out", default="results/backbones", help="one study folder per backbone under it")
     return p.parse_args(argv)
 
@@ -113,7 +123,9 @@ def main(argv=None) -> str:
                 raise data.DataError("--data-root is needed to run the studies (or pass --table-only)")
             for name in names:
                 run_backbone(name, args)
-        text, rows = table(Path(args.out), names)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        studies = [Path(args.out) / n for n in names] + [Path(d) for d in args.also.split(",") if d.strip()]
+        text, rows = table([d for d in studies if d.is_dir()], names, seeds)
         if not rows:
             raise data.DataError(f"no finished general-{M} runs under {args.out}")
     except data.DataError as e:
