@@ -130,6 +130,7 @@ def main(argv=None) -> str:
             raise data.DataError(f"no finished general-{M} runs under {args.out}")
     except data.DataError as e:
         sys.exit(f"error: {e}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     data.write_json(Path(args.out) / "backbones.json", {"m": M, "rows": rows})
     (Path(args.out) / "backbones.md").write_text(text + "\n")
     print(text)
