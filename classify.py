@@ -232,11 +232,14 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, weights: torch.Tensor,
-                device: torch.device, desc: str, freeze_trunk: bool, precision: str = "mixed") -> float:
-    """One pass over the training images; returns the mean class-weighted loss."""
+                device: torch.device, desc: str, freeze_trunk: bool, precision: str = "mixed") -> tuple[float, float]:
+    """One pass over the training images; returns the mean class-weighted loss and the seconds spent waiting for
+    images (reading, augmenting, batching: with no worker process, all of it happens in this loop)."""
     model.train(not freeze_trunk)  # linear probe: the trunk stays in eval mode (BN statistics, no dropout)
-    total, n = 0.0, 0
+    total, n, waited = 0.0, 0, 0.0
+    t0 = time.perf_counter()
     for batch in tqdm(loader, desc=desc, disable=None, leave=False):
+        waited += time.perf_counter() - t0
         images = batch["image"].to(device, memory_format=MEMORY_FORMAT, non_blocking=True)  # (B, 3, S, S)
         labels = batch["label"].to(device, non_blocking=True)  # (B,)
         with autocast(device, precision):
@@ -251,8 +254,9 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, weights:
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total, n = total + loss.item() * len(labels), n + len(labels)
-    return total / n
+        total, n = total + loss.item() * len(labels), n + len(labels)  # .item() waits for the step to finish
+        t0 = time.perf_counter()
+    return total / n, waited
 
 
 def select_epoch(history: list[dict]) -> int:
@@ -298,8 +302,9 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
         loader.sampler.set_epoch(epoch)  # this epoch's shuffle and augmentations (data.EpochSampler)
-        loss = train_epoch(model, loader, optimizer, scheduler, scaler, weights, device,
-                           f"epoch {epoch}/{args.epochs}", args.freeze_trunk, args.precision)
+        loss, read = train_epoch(model, loader, optimizer, scheduler, scaler, weights, device,
+                                 f"epoch {epoch}/{args.epochs}", args.freeze_trunk, args.precision)
+        t1 = time.perf_counter()
         d, _, _ = predict(model, val_items, args.backbone, args.image_size, device, args.batch_size,
                           precision=args.precision, workers=args.workers, augment=val_augment)
         # Validation loss, balanced over the two classes: CE of a 2-class softmax is softplus(-d) for a defect and
@@ -308,7 +313,8 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
         val_loss = float(np.mean([ce[val_labels == c].mean() for c in (0, 1) if (val_labels == c).any()]))
         val_auroc = image_auroc(val_labels, d) if val_labels.any() else None
         history.append({"epoch": epoch, "loss": loss, "val_loss": val_loss, "val_auroc": val_auroc,
-                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+                        "read_seconds": read, "validation_seconds": time.perf_counter() - t1})
         if select_epoch(history) == len(history) - 1:  # this epoch is the best so far: keep its weights
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best = epoch

@@ -114,8 +114,12 @@ def test_same_seed_gives_identical_scores(tiny_run, synth_root, tmp_path):
     again = classify.main(["--data-root", str(synth_root), "--category", "weave", *TINY,
                            "--out-dir", str(tmp_path / "again")])
     assert read_scores(tmp_path / "again" / "scores.csv") == read_scores(out / "scores.csv")
-    without_time = [[{k: v for k, v in h.items() if k != "seconds"} for h in m["history"]] for m in (first, again)]
+    without_time = [[{k: v for k, v in h.items() if not k.endswith("seconds")} for h in m["history"]]
+                    for m in (first, again)]
     assert without_time[0] == without_time[1]  # the same losses and validation AUROCs, epoch by epoch
+    for h in again["history"]:  # an epoch's timed parts (waiting for images, validation) lie inside its time
+        assert 0 < h["read_seconds"] and 0 < h["validation_seconds"]
+        assert h["read_seconds"] + h["validation_seconds"] < h["seconds"]
 
 
 def test_worker_processes_change_no_score(tiny_run, synth_root, tmp_path):

@@ -2,6 +2,8 @@
 import csv
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,9 @@ import data
 import evaluate
 import patchcore
 import report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import study_time  # noqa: E402
 
 
 def study_args(**over):
@@ -362,6 +367,15 @@ def test_cutpaste_arm_trains_on_the_same_splits_and_zero_labels(synth_root, tmp_
     assert "without synthetic defects, " in findings and "with CutPaste defects, " in findings
     assert "On the defect types never labelled (hard, every known type) classifier + CutPaste - classifier" in findings
     assert (out / "open_set.png").stat().st_size > 0
+    # Where the study's time went (bench/study_time.py): runs counted per method, every phase inside the wall time
+    timing = study_time.main([str(out), "--no-report"])
+    for line in ("| classifier | 3 |", "| classifier+cutpaste | 4 |", "| patchcore | 1 |",
+                 "| classifier+cutpaste: epochs: training steps (forward, backward, update) |"):
+        assert line in timing, line
+    runs = [r.parent for r in out.glob("*/seed*/*/*/study.json")]
+    recorded = sum(sum(study_time.phases(r)[1].values()) for r in runs)
+    wall = sum(json.loads((r / "study.json").read_text())["wall_seconds"] for r in runs)
+    assert 0 < recorded < wall
 
 
 def plan(root, out, *flags):
