@@ -2,8 +2,9 @@
 
 Each configuration trains classify.py for a few epochs in its own process (so each has its own image cache and
 peak memory) and reports the first epoch (which decodes every image into the cache) apart from the later ones
-(cached images: augmentation, forward, backward). `--before DIR` adds a run of an older checkout of the project
-(e.g. a `git worktree` of the commit before loader workers) with the same flags, minus those it does not know.
+(cached images: augmentation, forward, backward), and of those the seconds spent waiting for images (reading and
+augmenting) and validating, where the checkout records them. `--before DIR` adds a run of an older checkout of the
+project (e.g. a `git worktree` of the commit before loader workers) with the same flags, minus those it does not know.
 Timings depend on the machine and on what else runs on it; nothing here is asserted by the tests.
 
     python bench/bench_classifier.py                                         # synthetic weave, 128 px, workers 0 and 1
@@ -38,9 +39,14 @@ def one(code: Path, args: argparse.Namespace, workers: int | None, out: Path) ->
     if done.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     saved = json.loads((out / "metrics.json").read_text())
+    later = saved["history"][1:]
     seconds = [h["seconds"] for h in saved["history"]]  # train epoch + validation scoring, per epoch
-    return {"code": str(code), "workers": workers, "first_epoch_s": seconds[0],
-            "later_epoch_s": float(np.mean(seconds[1:])) if len(seconds) > 1 else None,
+
+    def mean_later(key: str) -> float | None:  # None: one epoch only, or a checkout that does not record the part
+        return float(np.mean([h[key] for h in later])) if later and all(key in h for h in later) else None
+
+    return {"code": str(code), "workers": workers, "first_epoch_s": seconds[0], "later_epoch_s": mean_later("seconds"),
+            "later_read_s": mean_later("read_seconds"), "later_validation_s": mean_later("validation_seconds"),
             "n_train_images": saved["n_train_images"], "peak_rss_mb": saved["peak_rss_mb"]}
 
 
@@ -67,11 +73,14 @@ def main(argv=None) -> None:
         configs = ([(Path(args.before), None)] if args.before else []) + \
             [(ROOT, int(w)) for w in args.workers.split(",") if w.strip()]
         rows = [one(code, args, workers, tmp / f"run{i}") for i, (code, workers) in enumerate(configs)]
-    print(f"\n{'code':<28}{'workers':>8}{'train images':>14}{'epoch 1 s':>11}{'later epochs s':>16}{'peak MB':>9}")
+    print(f"\n{'code':<28}{'workers':>8}{'train images':>14}{'epoch 1 s':>11}{'later epochs s':>16}"
+          f"{'of which reading s':>20}{'validation s':>14}{'peak MB':>9}")
     for r in rows:
-        later = "–" if r["later_epoch_s"] is None else f"{r['later_epoch_s']:.1f}"
+        later, read, val = ("–" if r[k] is None else f"{r[k]:.1f}"
+                            for k in ("later_epoch_s", "later_read_s", "later_validation_s"))
         print(f"{Path(r['code']).name[:27]:<28}{'–' if r['workers'] is None else r['workers']:>8}"
-              f"{r['n_train_images']:>14}{r['first_epoch_s']:>11.1f}{later:>16}{r['peak_rss_mb']:>9.0f}")
+              f"{r['n_train_images']:>14}{r['first_epoch_s']:>11.1f}{later:>16}{read:>20}{val:>14}"
+              f"{r['peak_rss_mb']:>9.0f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     data.write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     print(f"wrote {args.out}")
