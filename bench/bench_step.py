@@ -11,7 +11,6 @@ here is asserted by the tests; timings depend on the CPU and on what else runs o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
