@@ -312,9 +312,10 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
         ce = np.logaddexp(0, np.where(val_labels == 1, -d, d))  # (N_val,)
         val_loss = float(np.mean([ce[val_labels == c].mean() for c in (0, 1) if (val_labels == c).any()]))
         val_auroc = image_auroc(val_labels, d) if val_labels.any() else None
+        t2 = time.perf_counter()
         history.append({"epoch": epoch, "loss": loss, "val_loss": val_loss, "val_auroc": val_auroc,
-                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-                        "read_seconds": read, "validation_seconds": time.perf_counter() - t1})
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": t2 - t0,
+                        "read_seconds": read, "validation_seconds": t2 - t1})
         if select_epoch(history) == len(history) - 1:  # this epoch is the best so far: keep its weights
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best = epoch
