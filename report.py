@@ -383,6 +383,12 @@ def in_scope(scored: list[Scored], categories: list[str], **where) -> list[Score
     return [s for s in select(scored, **where) if s.category in categories]
 
 
+def scope_interval(scored: list[Scored], categories: list[str], **where) -> tuple[float, float] | None:
+    """The pooled interval of the runs matching `where`; None unless every category in scope has one (as its mean)."""
+    sets = in_scope(scored, categories, **where)
+    return pooled_interval(sets) if {s.category for s in sets} == set(categories) else None
+
+
 def paired(scored: list[Scored], categories: list[str], name: str, **where) -> tuple[float, float, float] | None:
     """The pooled paired difference `name` (see comparisons) over the matching sets of the categories."""
     pairs = [(a, b) for n, a, b in comparisons(scored) if n == name and a.category in categories
@@ -396,7 +402,7 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
 
     def auroc(**where) -> list[str]:  # mean ± std over seeds, and the pooled interval
         return [fmt(per_seed(rows, categories, metric="image_auroc", **where)),
-                fmt_interval(pooled_interval(in_scope(scored, categories, **where)))]
+                fmt_interval(scope_interval(scored, categories, **where))]
     # 1. All defect types seen: PatchCore vs the classifier and the fused detector at each k, every metric
     tags = classifier_ks(rows, "all-types", categories)
     specs = [("PatchCore", dict(method="patchcore"))] + [(f"{m} {t}", dict(method=m, tag=t)) for m in
@@ -482,8 +488,7 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
                  None)
         body.append([t, fmt(n, 0) if n else "–"] + [fmt(per_seed(rows, categories, method=m, metric="image_auroc", **where))
                                                    for m in methods] +
-                    [fmt_interval(pooled_interval(in_scope(scored, categories, method=m, **where)))
-                     for m in with_interval])
+                    [fmt_interval(scope_interval(scored, categories, method=m, **where)) for m in with_interval])
     if has_hard:
         out["Open-set, hard (DRA): labelled anomalies of one known type, evaluated on good + every other type"] = \
             markdown(["known type", "labelled", *map(label, methods),

@@ -165,6 +165,30 @@ def test_findings_on_labels_needed_come_from_the_intervals(tmp_path):
     assert findings.rstrip().endswith(": not distinguishable.")
 
 
+def test_a_mean_over_categories_has_no_interval_where_a_category_lacks_the_arm(tmp_path):
+    """Two categories, the CutPaste arm's hard run in one only: its mean row shows neither a mean nor an interval."""
+    good, a, b = ([f"/img/{t}/{i}.png" for i in range(n)] for t, n in (("good", 10), ("a", 5), ("b", 5)))
+    paths, every = good + b, good + a + b
+    labels = [int("/good/" not in p) for p in paths]
+    for category in ("cat", "dog"):
+        fake_run(tmp_path, "patchcore", "open-set", "open-set", every, [int("/good/" not in p) for p in every],
+                 list(np.linspace(0, 1, 20)), 0.5, 0, dict(zip(HELDOUT, [0.1, 0.2, 0.3])), category=category)
+        for synthetic in ("none", "cutpaste")[:2 if category == "cat" else 1]:
+            fake_run(tmp_path, "classifier", "hard-a" + ("-cutpaste" if synthetic == "cutpaste" else ""), "hard",
+                     paths, labels, list(np.linspace(0, 1, 15)), 0.5, 1, dict(zip(HELDOUT, [0.1, 0.2, 0.3])),
+                     held_out="a", category=category, synthetic=synthetic)
+    text = report.write(tmp_path)
+    mean_section = text.split("## Mean over categories")[1].split("\n## ")[0]
+    hard = mean_section.split("### Open-set, hard")[1].split("\n\n")[1].splitlines()
+    header = [c.strip() for c in hard[0].strip("|").split("|")]
+    mean_row = [c.strip() for c in next(r for r in hard if r.startswith("| mean")).strip("|").split("|")]
+    row = dict(zip(header, mean_row))
+    assert row["classifier + CutPaste"] == "–" and row["classifier + CutPaste 95 % interval"] == "–"
+    assert row["classifier"] == "1.000" and row["classifier 95 % interval"] == "[1.000, 1.000]"
+    cat = text.split("\n## cat\n")[1].split("\n## ")[0].split("### Open-set, hard")[1]
+    assert "| mean | 1 | 1.000 | 1.000 |" in cat  # the category that has the arm still shows it
+
+
 def test_fused_threshold_is_set_on_normal_images_only(tmp_path):
     fake_study(tmp_path)
     scored = report.collect(tmp_path)
