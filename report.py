@@ -390,10 +390,11 @@ def scope_interval(scored: list[Scored], categories: list[str], **where) -> tupl
 
 
 def paired(scored: list[Scored], categories: list[str], name: str, **where) -> tuple[float, float, float] | None:
-    """The pooled paired difference `name` (see comparisons) over the matching sets of the categories."""
+    """The pooled paired difference `name` (see comparisons) over the matching sets of the categories; None unless
+    every category has such a pair (as a mean over categories)."""
     pairs = [(a, b) for n, a, b in comparisons(scored) if n == name and a.category in categories
              and all(getattr(a, k) == v for k, v in where.items())]
-    return pooled_difference(pairs)
+    return pooled_difference(pairs) if {a.category for a, _ in pairs} == set(categories) else None
 
 
 def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dict[str, str]:

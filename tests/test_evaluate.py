@@ -166,7 +166,8 @@ def test_findings_on_labels_needed_come_from_the_intervals(tmp_path):
 
 
 def test_a_mean_over_categories_has_no_interval_where_a_category_lacks_the_arm(tmp_path):
-    """Two categories, the CutPaste arm's hard run in one only: its mean row shows neither a mean nor an interval."""
+    """Two categories, the CutPaste arm's hard run in one only: the means over categories show no mean, interval or
+    paired difference of the arm."""
     good, a, b = ([f"/img/{t}/{i}.png" for i in range(n)] for t, n in (("good", 10), ("a", 5), ("b", 5)))
     paths, every = good + b, good + a + b
     labels = [int("/good/" not in p) for p in paths]
@@ -187,6 +188,9 @@ def test_a_mean_over_categories_has_no_interval_where_a_category_lacks_the_arm(t
     assert row["classifier"] == "1.000" and row["classifier 95 % interval"] == "[1.000, 1.000]"
     cat = text.split("\n## cat\n")[1].split("\n## ")[0].split("### Open-set, hard")[1]
     assert "| mean | 1 | 1.000 | 1.000 |" in cat  # the category that has the arm still shows it
+    assert "| classifier - PatchCore | hard (every known type) |" in mean_section  # both categories have it
+    assert "| classifier + CutPaste - PatchCore | hard" not in mean_section  # one has it: no mean difference
+    assert "| classifier + CutPaste - PatchCore | hard (every known type) |" in cat
 
 
 def test_fused_threshold_is_set_on_normal_images_only(tmp_path):
