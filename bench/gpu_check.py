@@ -4,7 +4,8 @@ same images and the same scores within float32 rounding. Then, measured only: th
 (TF32/bfloat16) against float32 on the GPU, and epoch time, fit time, ms per image and GPU memory (FAISS included).
 Tables on stdout and in runs/gpu_check/gpu_check.{json,md}; exit status 1 if a strict check fails or CUDA is unusable.
 
-    python bench/gpu_check.py                                                # on the GPU machine, about 5 minutes
+    python bench/gpu_check.py                                                # on the GPU machine, 10-11 minutes
+    python bench/gpu_check.py --timings-only                                 # the timings alone, about 2 minutes
     python bench/gpu_check.py --device cpu --image-size 64 --n-images 16    # dry run, CPU against CPU, < 1 min
 """
 from __future__ import annotations
@@ -133,12 +134,12 @@ def rescore(cpu_dir: Path, root: Path, gpu: torch.device, args) -> dict:
     """The CPU study's saved models (model.pt, memory_bank) scored again on the CPU and the GPU in float32 and on the
     GPU in mixed precision; returns the worst differences over all runs."""
     train, test = data.load_category(root, "weave")
-    by_path = {s.path: s for s in train + test}
+    by_rel = {s.rel: s for s in train + test}  # scores.csv names images relative to the category
     w = dict(log_odds=0.0, log_odds_excess=-np.inf, maps=0.0, pc=0.0, log_odds_mixed=0.0, pc_mixed=0.0, faiss_gpu=True)
     torch.backends.cudnn.benchmark = gpu.type == "cuda"  # as in the GPU study (classify.run sets it)
     for run in sorted(str(p.parent.relative_to(cpu_dir)) for p in cpu_dir.rglob("scores.csv")):
         paths, _, _, cpu_scores = data.read_scores(cpu_dir / run / "scores.csv")
-        samples = [by_path[p] for p in paths]
+        samples = [by_rel[p] for p in paths]
         if is_patchcore(run):
             bank = patchcore.MemoryBank.load(cpu_dir / run, gpu)
             w["faiss_gpu"] &= gpu.type == "cpu" or bank.nn.index is not bank.nn.cpu
@@ -372,8 +373,9 @@ def run(args: argparse.Namespace) -> dict:
         # Strict: the study on the GPU (first: a broken GPU path fails in seconds) and on the CPU, the CPU's models
         # scored again on both devices
         dirs = {}
-        for name, dev, precision in (("gpu", args.device, "float32"), ("cpu", "cpu", "float32"),
-                                     ("gpu-mixed", args.device, "mixed")):
+        studies = () if args.timings_only else (("gpu", args.device, "float32"), ("cpu", "cpu", "float32"),
+                                                ("gpu-mixed", args.device, "mixed"))
+        for name, dev, precision in studies:
             t0 = time.perf_counter()
             dirs[name] = run_study(root, work / f"study-{name}", dev, precision, weights, args)
             result["timing"].append((f"the study on {dev}, --precision {precision}: wall s", time.perf_counter() - t0))
@@ -382,8 +384,9 @@ def run(args: argparse.Namespace) -> dict:
                 result["strict"] = strict_rows(dirs["cpu"], dirs["gpu"], w, device)
                 save(result, out)
         # Measured: mixed against float32 on the GPU; timings and memory
-        result["drift"] = drift_rows(dirs["gpu"], dirs["gpu-mixed"], w)
-        save(result, out)
+        if dirs:
+            result["drift"] = drift_rows(dirs["gpu"], dirs["gpu-mixed"], w)
+            save(result, out)
         result["timing"] += time_classifier(timing_root, weights, device, args)
         save(result, out)
         result["timing"] += time_patchcore(timing_root, device, args)
@@ -404,6 +407,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default); the strict comparison always runs float32")
     p.add_argument("--workers", type=int, default=data.default_workers(),
                    help="loader workers of the studies and of the timings (which also time 0)")
+    p.add_argument("--timings-only", action="store_true", help="skip the three studies (the strict checks and the "
+                   "drift of mixed precision): only the timings and memory")
     p.add_argument("--work-dir", default=None, help="keep the data and the three studies here (default: a temp dir)")
     p.add_argument("--out-dir", default="runs/gpu_check", help="gpu_check.json and gpu_check.md")
     return p.parse_args(argv)
