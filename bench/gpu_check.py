@@ -4,8 +4,8 @@ same images and the same scores within float32 rounding. Then, measured only: th
 (TF32/bfloat16) against float32 on the GPU, and epoch time, fit time, ms per image and GPU memory (FAISS included).
 Tables on stdout and in runs/gpu_check/gpu_check.{json,md}; exit status 1 if a strict check fails or CUDA is unusable.
 
-    python bench/gpu_check.py                                                # on the GPU machine, 10-11 minutes
-    python bench/gpu_check.py --timings-only                                 # the timings alone, about 2 minutes
+    python bench/gpu_check.py                                                # on the GPU machine, over 9 minutes
+    python bench/gpu_check.py --timings-only                                 # the timings alone, no strict checks
     python bench/gpu_check.py --device cpu --image-size 64 --n-images 16    # dry run, CPU against CPU, < 1 min
 """
 from __future__ import annotations
