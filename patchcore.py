@@ -41,7 +41,16 @@ CHECK_EVERY = 64  # fast coreset: steps between two host reads of the block's st
 PAIR_CHUNK = 1 << 21  # fast coreset: (point, chosen point) distances per matrix product in apply_chosen (CPU)
 PAIR_CHUNK_CUDA = 1 << 26  # the same on a GPU: a 256 MB (r, B) block, ~100 products per update instead of ~3,000
 GPU_MAX_K = 2048  # FAISS's largest k on a GPU (and largest nprobe of a GPU IVF index)
-SEARCHES = ("exact", "ivf")  # FAISS IndexFlatL2, or IndexIVFFlat: k-means lists, only the nprobe nearest searched
+SEARCHES = ("exact", "ivf")  # every bank row compared, or FAISS IndexIVFFlat: only the nprobe nearest k-means lists
+# Exact search runs as torch matrix products (TorchSearch) at the machine's GEMM rate: FAISS's flat index reaches
+# 20 GFLOP/s on some Intel hosts where the same product runs at 111 (its bundled OpenBLAS picks a generic kernel on a
+# CPU it does not know; issue 35, docs/search.md). "faiss" keeps FAISS's IndexFlatL2 for comparison; on a GPU a FAISS
+# build that sees it searches there, else torch does.
+EXACT_ENGINES = ("torch", "faiss")
+SEARCH_ROWS = 1024  # query patches per block of TorchSearch (one 256 px image; a quarter of a 512 px one)
+SEARCH_BLOCK = 1 << 21  # (query, bank) distances per block on a CPU: 8 MB of float32, bounded, read back from cache
+# (blocks of 4, 8 and 16M distances ran 4 %, 10 % and 15 % slower on an AVX-512 Xeon: bench/bench_search.py)
+SEARCH_BLOCK_CUDA = 1 << 26  # the same on a GPU: 256 MB, products large enough to fill it
 NPROBE = 32  # issue 16: on tire/pill/transistor (256 px) and tire (512 px) nprobe 32 left every image AUROC as exact
 # search's to 4 decimals (nprobe 8 moved it by up to 0.007) at 0.20x (512 px) to 0.40x (256 px) its time per image
 POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroid (min_points_per_centroid)
@@ -49,7 +58,7 @@ POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroi
 # what only the scoring reads may change without refitting (these flags act on it, see load_bank)
 FIXED_BY_BANK = ("backbone", "weights", "layers", "image_size", "center_crop", "patch_size", "pretrain_dim",
                  "target_dim", "coreset_ratio", "seed")
-SET_AT_LOAD = ("search", "nprobe", "reweight", "reweight_k")
+SET_AT_LOAD = ("search", "nprobe", "engine", "reweight", "reweight_k")
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
               "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size")  # final table
 
@@ -71,6 +80,7 @@ class Settings:
     seed: int
     search: str = "exact"  # banks saved before issue 16 have neither field: they were searched exactly
     nprobe: int | None = None  # IVF lists searched per query (ivf only; None: min(NPROBE, lists))
+    engine: str = "torch"  # what runs an exact search (EXACT_ENGINES); banks saved before issue 35 have none
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,12 +346,48 @@ def ivf_index(bank: np.ndarray, seed: int) -> faiss.IndexIVFFlat:
     return index
 
 
+class TorchSearch:
+    """Exact L2 search of a bank (M, D) as matrix products on any torch device: the squared distance expanded as
+    |q|^2 - 2 q.b + |b|^2 (what FAISS's flat index computes for large batches too), the bank in blocks so that no
+    more than SEARCH_BLOCK distances exist at once, the k smallest kept per query across blocks."""
+
+    def __init__(self, bank: np.ndarray | torch.Tensor, device: torch.device):
+        self.bank = torch.as_tensor(bank, dtype=torch.float32).to(device)  # (M, D); on the CPU a view, no copy
+        self.sq_norms = (self.bank * self.bank).sum(1)  # (M,)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, indices) of the k nearest bank rows: (Q, D) -> (Q, k), (Q, k). True L2, not squared."""
+        q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)).to(self.bank.device)  # (Q, D)
+        rows = max(1, min(len(q), SEARCH_ROWS))
+        cols = max(k, (SEARCH_BLOCK_CUDA if q.is_cuda else SEARCH_BLOCK) // rows)
+        dists, idxs = [], []
+        with full_float32():  # no TF32 / bfloat16 products: the distances of the plain float32 sum
+            for r in range(0, len(q), rows):
+                best_d = best_i = None
+                for c in range(0, len(self.bank), cols):
+                    d2 = torch.addmm(self.sq_norms[None, c:c + cols], q[r:r + rows], self.bank[c:c + cols].T,
+                                     alpha=-2)  # (r, c) |b|^2 - 2 q.b: |q|^2 is the same along a row, added last
+                    d, i = d2.topk(k, dim=1, largest=False) if k > 1 else d2.min(1, keepdim=True)  # (r, k)
+                    i = i + c
+                    if best_d is not None:  # merge with the earlier blocks' k nearest
+                        d, j = torch.cat([best_d, d], 1).topk(k, dim=1, largest=False, sorted=True) if k > 1 else \
+                            torch.cat([best_d, d], 1).min(1, keepdim=True)  # (r, k); ties keep the earlier block
+                        i = torch.cat([best_i, i], 1).gather(1, j)
+                    best_d, best_i = d, i
+                sq_q = (q[r:r + rows] * q[r:r + rows]).sum(1, keepdim=True)  # (r, 1)
+                dists.append(best_d.add_(sq_q).clamp_min_(0).sqrt_().cpu())
+                idxs.append(best_i.cpu())
+        return torch.cat(dists).numpy(), torch.cat(idxs).numpy()
+
+
 class NearestNeighbours:
-    """L2 search over a memory bank (M, D), exact (IndexFlatL2) or approximate (IndexIVFFlat: only the nprobe lists
-    whose centroids are nearest to a query are searched); on the GPU when FAISS sees one and the device is CUDA."""
+    """L2 search over a memory bank (M, D), exact (every row compared: TorchSearch, or FAISS's IndexFlatL2) or
+    approximate (FAISS's IndexIVFFlat: only the nprobe lists whose centroids are nearest to a query are searched); on
+    the GPU when the device is CUDA (FAISS's GPU index where FAISS sees the GPU, else torch for exact search).
+    The FAISS index is always kept on the CPU: it is what is saved, and it returns bank rows by index."""
 
     def __init__(self, bank: np.ndarray, device: torch.device, search: str = "exact", nprobe: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, engine: str = "torch"):
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got '{search}'")
         bank = np.ascontiguousarray(bank, dtype=np.float32)
@@ -350,19 +396,29 @@ class NearestNeighbours:
         else:
             index = faiss.IndexFlatL2(bank.shape[1])
             index.add(bank)
-        self._place(index, device, nprobe)
+        self._place(index, device, nprobe, engine)
 
-    def _place(self, index: faiss.Index, device: torch.device, nprobe: int | None) -> None:
-        """Keep the CPU index (save, reconstructing rows) and search on a GPU copy if asked and possible; an IVF index
-        searches nprobe lists (None: NPROBE, or every list of an index with fewer)."""
-        self.cpu, self.index = index, index
+    def _place(self, index: faiss.Index, device: torch.device, nprobe: int | None, engine: str = "torch") -> None:
+        """Keep the CPU index (save, reconstructing rows) and choose what searches: for exact search torch products
+        over the index's own rows (engine "torch"; on a CUDA device without a FAISS GPU build as well), else FAISS,
+        on a GPU copy if asked and possible; an IVF index searches nprobe lists (None: NPROBE, or every list of an
+        index with fewer)."""
+        if engine not in EXACT_ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(EXACT_ENGINES)}, got '{engine}'")
+        self.cpu, self.index, self.torch = index, index, None
+        self.queries, self.seconds = 0, 0.0  # searched so far, for the search's GFLOP/s (gflops)
+        faiss_gpu = device.type == "cuda" and faiss.get_num_gpus() > 0
         if self.kind == "ivf":
             nprobe = min(NPROBE, self.n_lists) if nprobe is None else nprobe
             index.make_direct_map()  # id -> (list, offset), for reconstruct_batch in vectors(): IVF stores rows by list
             self.set_nprobe(nprobe)  # before the copy: index_cpu_to_gpu takes nprobe along
+        elif engine == "torch" or (device.type == "cuda" and not faiss_gpu):
+            rows = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d)  # the index's rows, shared, not copied
+            self.torch = TorchSearch(np.asarray(rows).reshape(index.ntotal, index.d), device)  # (M, D)
+            return
         if device.type == "cuda":
-            if faiss.get_num_gpus() == 0:
-                print("note: FAISS sees no GPU (a CPU-only faiss build?); the nearest-neighbour search runs on the CPU",
+            if not faiss_gpu:
+                print("note: FAISS sees no GPU (a CPU-only faiss build?); the IVF search runs on the CPU",
                       file=sys.stderr)
                 return
             self.resources = faiss.StandardGpuResources()  # must live as long as the GPU index
@@ -374,6 +430,13 @@ class NearestNeighbours:
     def kind(self) -> str:
         """'exact' or 'ivf', from the index itself."""
         return "ivf" if isinstance(self.cpu, faiss.IndexIVF) else "exact"
+
+    @property
+    def engine(self) -> str:
+        """What searches, as metrics.json records it: 'torch-cpu', 'torch-cuda', 'faiss-cpu' or 'faiss-gpu'."""
+        if self.torch is not None:
+            return f"torch-{self.torch.bank.device.type}"
+        return "faiss-cpu" if self.index is self.cpu else "faiss-gpu"
 
     @property
     def n_lists(self) -> int | None:
@@ -400,31 +463,46 @@ class NearestNeighbours:
             raise ValueError(f"k={k} is larger than the memory bank ({len(self)} patches)")
         if k > GPU_MAX_K and self.index is not self.cpu:
             raise ValueError(f"k={k} is more than FAISS searches on a GPU ({GPU_MAX_K}); use --device cpu")
-        sq, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        t0 = time.perf_counter()
+        if self.torch is not None:
+            dist, idx = self.torch.search(queries, k)  # returns on the host: a GPU's work is done when it returns
+        else:
+            sq, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            dist = np.sqrt(np.maximum(sq, 0))
+        self.queries, self.seconds = self.queries + len(queries), self.seconds + time.perf_counter() - t0
         if (idx[:, -1] < 0).any():  # FAISS pads with -1 (and a huge distance) when the probed lists hold < k rows
             raise data.DataError(f"with nprobe={self.cpu.nprobe} the IVF lists searched hold fewer than k={k} patches "
                                  f"for some queries; use a larger --nprobe")
-        return np.sqrt(np.maximum(sq, 0)), idx
+        return dist, idx
+
+    def gflops(self) -> float | None:
+        """The exact search's rate so far: 2 x queries x bank rows x dimensions multiply-adds over its seconds (the
+        product that decides its cost; issue 35). None for IVF search (it compares each query with a few lists)."""
+        if self.kind != "exact" or self.seconds == 0:
+            return None
+        return 2.0 * self.queries * len(self) * self.cpu.d / self.seconds / 1e9
 
     def vectors(self, idx: np.ndarray) -> np.ndarray:
         """Bank rows by index, from the CPU index (no copy of a GPU index): (...,) -> (..., D)."""
         rows = self.cpu.reconstruct_batch(np.ascontiguousarray(idx.ravel(), dtype=np.int64))  # (n, D)
         return rows.reshape(*idx.shape, -1)
 
-    def rebuilt(self, search: str, device: torch.device, nprobe: int | None, seed: int) -> "NearestNeighbours":
+    def rebuilt(self, search: str, device: torch.device, nprobe: int | None, seed: int,
+                engine: str = "torch") -> "NearestNeighbours":
         """The same bank rows in a new index searched as `search` asks (ivf: the seeded k-means lists of fit time,
         so exact and IVF search can be compared on one bank). IVF stores full vectors: no row changes."""
-        return NearestNeighbours(self.vectors(np.arange(len(self))), device, search, nprobe, seed)  # (M, D) rows
+        return NearestNeighbours(self.vectors(np.arange(len(self))), device, search, nprobe, seed, engine)  # (M, D)
 
     def save(self, path: Path) -> None:
         faiss.write_index(self.cpu, str(path))
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, nprobe: int | None = None) -> "NearestNeighbours":
+    def load(cls, path: Path, device: torch.device, nprobe: int | None = None,
+             engine: str = "torch") -> "NearestNeighbours":
         """A saved index; an IVF one searches nprobe lists, by default as many as when it was saved."""
         index = faiss.read_index(str(path))
         nn = cls.__new__(cls)
-        nn._place(index, device, getattr(index, "nprobe", None) if nprobe is None else nprobe)
+        nn._place(index, device, getattr(index, "nprobe", None) if nprobe is None else nprobe, engine)
         return nn
 
 
@@ -444,9 +522,10 @@ class MemoryBank:
 
     @classmethod
     def load(cls, folder: str | Path, device: torch.device, nprobe: int | None = None,
-             search: str | None = None) -> "MemoryBank":
+             search: str | None = None, engine: str | None = None) -> "MemoryBank":
         """A saved bank with its saved settings. nprobe, if given, replaces the saved one (IVF search only); search,
-        if given and not the saved one, rebuilds the index from the bank's rows with the bank's seed."""
+        if given and not the saved one, rebuilds the index from the bank's rows with the bank's seed; engine, if
+        given, replaces what runs an exact search (the index is the same)."""
         folder = Path(folder)
         if (folder / "memory_bank").is_dir():  # a run's out dir was given
             folder = folder / "memory_bank"
@@ -458,14 +537,16 @@ class MemoryBank:
         if nprobe is not None and search != "ivf":
             raise data.DataError(f"--nprobe applies to IVF search only, and the memory bank in {folder} is searched "
                                  f"exactly here (--search ivf builds IVF lists from its patches)")
+        engine = engine or s.engine
         keep = search == s.search  # else the saved index is only read for its rows, on the CPU
         nn = NearestNeighbours.load(folder / "index.faiss", device if keep else torch.device("cpu"),
-                                    s.nprobe if nprobe is None else nprobe)
+                                    s.nprobe if nprobe is None else nprobe, engine if keep else "faiss")
         if nn.kind != s.search:
             raise data.DataError(f"{folder}: settings.json says search '{s.search}' but index.faiss is {nn.kind}")
         if not keep:
-            nn = nn.rebuilt(search, device, nprobe, s.seed)
-        return cls(replace(s, search=search, nprobe=nn.cpu.nprobe if nn.kind == "ivf" else None), nn)  # those used
+            nn = nn.rebuilt(search, device, nprobe, s.seed, engine)
+        return cls(replace(s, search=search, nprobe=nn.cpu.nprobe if nn.kind == "ivf" else None, engine=engine),
+                   nn)  # the settings used
 
 
 T = TypeVar("T")
@@ -564,7 +645,7 @@ def fit(train: Sequence[data.Sample], s: Settings, device: torch.device, batch_s
     laps.lap("features")
     idx = greedy_coreset(z, s.coreset_ratio, s.seed)  # (M,)
     laps.lap("coreset")
-    nn = NearestNeighbours(features[idx.cpu()].float().numpy(), device, s.search, s.nprobe, s.seed)
+    nn = NearestNeighbours(features[idx.cpu()].float().numpy(), device, s.search, s.nprobe, s.seed, s.engine)
     laps.lap("index")
     return MemoryBank(replace(s, nprobe=nn.cpu.nprobe if nn.kind == "ivf" else None), nn)  # the nprobe used
 
@@ -635,6 +716,8 @@ def check_flags(args: argparse.Namespace) -> None:
         return
     if args.nprobe is not None and args.search != "ivf":
         raise data.DataError("--nprobe applies to --search ivf only; exact search probes no lists")
+    if "engine" in args.explicit and args.search != "exact":
+        raise data.DataError("--engine applies to --search exact only; IVF search is FAISS's")
     if "reweight_k" in args.explicit and not args.reweight:
         raise data.DataError("--reweight-k applies with --reweight only (the Eq. 7 neighbourhood)")
 
@@ -644,7 +727,7 @@ def load_bank(args: argparse.Namespace, device: torch.device) -> MemoryBank:
     --search rebuilds its index from its rows, --nprobe sets the IVF lists searched, --reweight and --reweight-k
     switch on Eq. 7 (applied to each image score, see score); the others keep their saved values."""
     search = args.search if "search" in args.explicit else None  # None: the saved search
-    bank = MemoryBank.load(args.load, device, args.nprobe, search)
+    bank = MemoryBank.load(args.load, device, args.nprobe, search, args.engine if "engine" in args.explicit else None)
     reweighting = {k: getattr(args, k) for k in ("reweight", "reweight_k") if k in args.explicit}
     s = replace(bank.settings, **reweighting)
     if "reweight_k" in args.explicit and not s.reweight:
@@ -690,11 +773,12 @@ def run(args: argparse.Namespace) -> dict:
             settings = Settings(args.backbone, args.weights, tuple(args.layers or ()) or backbones.default_layers(args.backbone),
                                 args.image_size, args.center_crop, args.patch_size, args.pretrain_dim,
                                 args.target_dim, args.coreset_ratio, args.reweight, args.reweight_k, args.seed,
-                                args.search, args.nprobe)
+                                args.search, args.nprobe, args.engine)
             bank = fit(train, settings, device, args.batch_size, args.workers, fit_laps)
         fit_seconds = time.perf_counter() - t0
         args = used_args(args, bank.settings)  # recorded below: the settings that ran, not the parser's defaults
-        print(f"fit: {len(bank.nn)} patches in the memory bank, {fit_seconds:.1f} s, search {bank.nn.kind}"
+        print(f"fit: {len(bank.nn)} patches in the memory bank, {fit_seconds:.1f} s, search {bank.nn.kind} "
+              f"({bank.nn.engine})"
               + (f" ({bank.nn.n_lists} lists, nprobe {bank.settings.nprobe})" if bank.nn.kind == "ivf" else ""))
 
         # Score: every test (or evaluation) image, then the metrics shared with classify.py
@@ -718,6 +802,12 @@ def run(args: argparse.Namespace) -> dict:
                        args=data.recorded_args(args), run_info=data.run_info(),
                        device_info=backbones.device_info(device, faiss_gpu=bank.nn.index is not bank.nn.cpu))
         metrics["ivf_lists"] = bank.nn.n_lists  # beside settings' search and nprobe; None for exact search
+        metrics["search_engine"] = bank.nn.engine  # what ran the search, and its rate: a slow BLAS shows here
+        metrics["search_gflops"] = bank.nn.gflops()
+        if metrics["search_gflops"] is not None:
+            print(f"search: exact on {bank.nn.engine}, {metrics['search_gflops']:.1f} GFLOP/s "
+                  f"({bank.nn.queries} query patches x {len(bank.nn)} bank patches x {bank.nn.cpu.d} dims in "
+                  f"{bank.nn.seconds:.1f} s)")
         metrics["ms_per_image_by_phase"] = {k: 1000 * v / len(test) for k, v in laps.seconds.items()}
         metrics["fit_seconds_by_phase"] = fit_laps.seconds or None  # features, coreset, index (None: --load)
 
@@ -764,6 +854,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--search", choices=SEARCHES, default="exact",
                    help="nearest-neighbour search: exact, or FAISS IVF lists (approximate; faster on large banks); "
                         "with --load the saved one, or if given an index of that kind rebuilt from the bank's patches")
+    p.add_argument("--engine", choices=EXACT_ENGINES, default="torch",
+                   help="what runs --search exact: torch matrix products at the machine's matrix-multiply rate "
+                        "(on a GPU too), or FAISS's flat index (its own BLAS; FAISS's GPU index where it sees one); "
+                        "the same neighbours to float32 rounding")
     p.add_argument("--nprobe", type=int, default=None,
                    help=f"IVF lists searched per query (--search ivf only; default {NPROBE}, at most the bank's lists; "
                         "with --load the saved value unless given)")

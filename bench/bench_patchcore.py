@@ -4,8 +4,9 @@ For every (image size, coreset ratio) it extracts the features once, then times 
 and the plain loop (the readable reference: one pass over all N points per chosen point), says whether they chose
 the same points in the same order, then builds the index and scores a few test images. Each configuration runs in
 its own process, so its peak RSS is its own. Timings depend on the machine; nothing here is asserted by the tests.
-With --search-only it times the nearest-neighbour search alone instead (issue 16): exact (IndexFlatL2) against IVF
-at each --nprobes value, on the test images' patches, and how far IVF's neighbours and scores are from exact ones.
+With --search-only it times the nearest-neighbour search alone instead (issue 16): exact (torch matrix products, and
+FAISS's IndexFlatL2: issue 35) against IVF at each --nprobes value, on the test images' patches, and how far each
+one's neighbours and scores are from the exact torch search's.
 
     python bench/bench_patchcore.py                                        # synthetic weave, 256 and 512 px
     python bench/bench_patchcore.py --data-root ../shared/data --category tire --sizes 256 --ratios 0.01,0.1
@@ -136,12 +137,16 @@ def search_one(args: argparse.Namespace) -> dict:
             features, z = patchcore.extract_features(train, s, device, args.batch_size)  # (N, D), (N, 128)
             vectors = features[patchcore.greedy_coreset(z, s.coreset_ratio, s.seed).cpu()].float().numpy()  # (M, D)
         batches = test_patches(s, test, device, args.batch_size)
-    t0 = time.perf_counter()
-    exact = patchcore.NearestNeighbours(vectors, device)
-    build_s = time.perf_counter() - t0
-    seconds, exact_dist, exact_idx = timed_search(exact, batches)
-    searches = [{"search": "exact", "nprobe": None, "ms_per_image": 1000 * seconds / len(test), "build_s": build_s,
-                 **compare(exact_dist, exact_idx, exact_dist, exact_idx, len(test))}]
+    searches = []
+    for engine in patchcore.EXACT_ENGINES:  # torch first: the reference of every row
+        t0 = time.perf_counter()
+        exact = patchcore.NearestNeighbours(vectors, device, engine=engine)
+        build_s = time.perf_counter() - t0
+        seconds, dist, idx = timed_search(exact, batches)
+        if engine == "torch":
+            exact_dist, exact_idx = dist, idx
+        searches.append({"search": f"exact ({exact.engine})", "nprobe": None, "ms_per_image": 1000 * seconds / len(test),
+                         "build_s": build_s, "gflops": exact.gflops(), **compare(dist, idx, exact_dist, exact_idx, len(test))})
     t0 = time.perf_counter()
     ivf = patchcore.NearestNeighbours(vectors, device, "ivf", seed=s.seed)  # k-means on the bank: its build time
     build_s = time.perf_counter() - t0
@@ -159,11 +164,13 @@ def print_search(r: dict) -> None:
     """One configuration's exact-vs-IVF table."""
     print(f"{r['backbone']} {r['size']} px, ratio {r['ratio']}: {r['bank']} patches in the bank, {r['lists']} IVF "
           f"lists, {r['query_patches']} query patches of {r['images']} images")
-    print(f"{'search':<7}{'nprobe':>7}{'ms/image':>10}{'x exact':>8}{'same NN %':>10}{'max patch err %':>16}"
+    print(f"{'search':<20}{'nprobe':>7}{'ms/image':>10}{'GFLOP/s':>8}{'x exact':>8}{'same NN %':>10}{'max patch err %':>16}"
           f"{'max image err %':>16}{'median image diff %':>20}{'build s':>8}")
     exact_ms = r["searches"][0]["ms_per_image"]
     for x in r["searches"]:
-        print(f"{x['search']:<7}{x['nprobe'] or '-':>7}{x['ms_per_image']:>10.1f}{x['ms_per_image'] / exact_ms:>8.2f}"
+        gflops = f"{x['gflops']:.0f}" if x.get("gflops") else "-"
+        print(f"{x['search']:<20}{x['nprobe'] or '-':>7}{x['ms_per_image']:>10.1f}{gflops:>8}"
+              f"{x['ms_per_image'] / exact_ms:>8.2f}"
               f"{100 * x['same_neighbour']:>10.2f}{100 * x['max_patch_rel_err']:>16.3f}"
               f"{100 * x['max_image_rel_err']:>16.3f}{100 * x['median_image_rel_diff']:>20.4f}{x['build_s']:>8.2f}",
               flush=True)

@@ -144,6 +144,28 @@ def test_nearest_neighbours_true_l2_save_load(tmp_path):
         nn.search(np.zeros((1, 2)), 4)
 
 
+@pytest.mark.parametrize("k", [1, 5])
+def test_torch_exact_search_finds_faiss_flat_neighbours_across_blocks(clustered, monkeypatch, k):
+    """Issue 35: the torch matrix-product search (the default exact engine) returns FAISS IndexFlatL2's neighbours
+    and distances to float32 rounding, also when the bank and the queries are cut into many blocks."""
+    bank, queries, gap = clustered  # (4000, 64), (2000, 64), (2000,)
+    monkeypatch.setattr(patchcore, "SEARCH_ROWS", 300)  # 7 query blocks, the last one short
+    monkeypatch.setattr(patchcore, "SEARCH_BLOCK", 300 * 700)  # 700 bank rows per block: 6 blocks, the last short
+    ours = patchcore.NearestNeighbours(bank, CPU)
+    flat = patchcore.NearestNeighbours(bank, CPU, engine="faiss")
+    assert (ours.engine, flat.engine) == ("torch-cpu", "faiss-cpu")
+    (d, i), (fd, fi) = ours.search(queries, k), flat.search(queries, k)
+    assert d.shape == i.shape == (2000, k)
+    clear = gap > 1e-4  # the nearest neighbour is not a float32 tie
+    assert np.array_equal(i[clear, 0], fi[clear, 0]) and clear.mean() > 0.99
+    np.testing.assert_allclose(d, fd, rtol=1e-5)  # the k nearest distances, in order
+    assert (np.diff(d, axis=1) >= 0).all()
+    b, q = bank.astype(np.float64), queries[:50].astype(np.float64)  # float64 truth for a few queries
+    truth = np.sort(np.sqrt(((q[:, None] - b[None]) ** 2).sum(-1)), 1)[:, :k]  # (50, k)
+    np.testing.assert_allclose(d[:50], truth, rtol=1e-5)
+    assert ours.queries == 2000 and ours.gflops() > 0  # what metrics.json records of the search
+
+
 def test_reweight_eq7_by_hand():
     bank = np.array([[0.0], [1.0], [2.0], [10.0]])
     nn = patchcore.NearestNeighbours(bank, CPU)
@@ -431,6 +453,28 @@ def test_main_ivf_records_the_search_and_scores_as_exact_search_does(synth_root,
     with pytest.raises(SystemExit, match="needs a memory bank of at least 78 patches .* has 51; use --search exact"):
         patchcore.main(base[:-1] + ["0.05"] + bad)
     assert not (tmp_path / "bad").exists() and list(tmp_path.glob(".bad*")) == []
+
+
+def test_engines_score_alike_and_the_run_records_the_search(synth_root, tmp_path):
+    """--engine faiss (FAISS's flat index) and the default torch products give the same scores to float32 rounding;
+    metrics.json names what searched and at how many GFLOP/s (issue 35); --engine with IVF search is refused."""
+    base = ["--data-root", str(synth_root), "--category", "washer", "--backbone", "efficientnet_lite0",
+            "--image-size", "64", "--coreset-ratio", "0.5"]
+    torch_run = patchcore.main(base + ["--out-dir", str(tmp_path / "torch")])
+    faiss_run = patchcore.main(base + ["--engine", "faiss", "--out-dir", str(tmp_path / "faiss")])
+    np.testing.assert_allclose(read_score_column(tmp_path / "torch"), read_score_column(tmp_path / "faiss"), rtol=1e-5)
+    assert torch_run["image_auroc"] == pytest.approx(faiss_run["image_auroc"], abs=1e-9)
+    saved = json.loads((tmp_path / "torch" / "metrics.json").read_text())
+    assert (saved["search_engine"], saved["settings"]["engine"]) == ("torch-cpu", "torch")
+    assert faiss_run["search_engine"] == "faiss-cpu" and saved["search_gflops"] > 0
+    # --load may switch the engine of a saved bank: the same index, the same scores
+    loaded = patchcore.main(["--data-root", str(synth_root), "--category", "washer", "--load", str(tmp_path / "torch"),
+                             "--engine", "faiss", "--out-dir", str(tmp_path / "loaded")])
+    assert loaded["search_engine"] == "faiss-cpu"
+    np.testing.assert_allclose(read_score_column(tmp_path / "loaded"), read_score_column(tmp_path / "torch"), rtol=1e-5)
+    with pytest.raises(SystemExit, match="--engine applies to --search exact only"):
+        patchcore.main(base + ["--search", "ivf", "--engine", "faiss", "--out-dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def read_score_column(run_dir):
