@@ -3,7 +3,9 @@
 Trains on train/good plus the few defect images a split allows, picks the epoch and a deployable threshold on
 training-side validation images, then scores the evaluation images (defect probability + Grad-CAM map). With
 --synthetic cutpaste, CutPaste defects made from the normal images (cutpaste.py) join the defect class, so a split
-with no labelled anomaly at all (splits.py --scenario general --k 0) can train a classifier too.
+with no labelled anomaly at all (splits.py --scenario general --k 0) can train a classifier too, and every image is
+also scored as the CutPaste paper scores it: the Mahalanobis distance of the network's pooled features to a Gaussian
+fitted on the training normals (density_scores.csv beside scores.csv).
 
     python synthetic.py --out /tmp/s --size 128
     python classify.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128 --epochs 5
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
+from sklearn.covariance import LedoitWolf
 from torch import nn
 from tqdm import tqdm
 
@@ -174,12 +177,16 @@ def head_of(model: nn.Module) -> nn.Module:
 
 @dataclass
 class Checkpoint:
-    """A trained classifier: how to rebuild it, its weights and its deployable threshold (model.pt)."""
+    """A trained classifier: how to rebuild it, its weights and its deployable threshold (model.pt); a CutPaste run's
+    Gaussian density too (the mean and precision of its training normals' pooled features, and its threshold)."""
     backbone: str
     image_size: int
     threshold: float
     best_epoch: int
     state_dict: dict
+    density_mean: torch.Tensor | None = None  # (F,)
+    density_precision: torch.Tensor | None = None  # (F, F)
+    density_threshold: float | None = None
 
     def save(self, path: Path) -> None:
         torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
@@ -412,6 +419,36 @@ def score(model: nn.Module, cam_layer: nn.Module, samples: Sequence[data.Sample]
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 5. CutPaste's own score (Li et al., CVPR 2021): a Gaussian density of the learned representation. The
+# paper never scores with the classifier's output: it fits a Gaussian (mean, shrunk covariance) to the pooled features
+# of the normal training images and scores an image by its Mahalanobis distance to it (the negative log-density up
+# to constants). The covariance of ~250 images in 1,280 dimensions is singular, so it is shrunk (Ledoit-Wolf).
+# ----------------------------------------------------------------------------------------------------------------
+def pooled_features(model: nn.Module, samples: Sequence[data.Sample], backbone: str, image_size: int,
+                    device: torch.device, batch_size: int, precision: str = "mixed", workers: int = 0) -> np.ndarray:
+    """The network's pooled features of samples, the input of its classification head: (N, F) float64."""
+    kept = []
+    hook = head_of(model).register_forward_pre_hook(lambda module, inputs: kept.append(inputs[0].detach().float().cpu()))
+    try:
+        predict(model, samples, backbone, image_size, device, batch_size, precision=precision, workers=workers)
+    finally:
+        hook.remove()
+    return torch.cat(kept).double().numpy()  # [(B, F)] -> (N, F)
+
+
+def fit_density(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (F,), precision (F, F)) of a Gaussian fitted to features (N, F), its covariance shrunk (Ledoit-Wolf)."""
+    estimate = LedoitWolf().fit(features)
+    return estimate.location_, estimate.precision_
+
+
+def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """sqrt((x - mean)^T precision (x - mean)) of every row: (N, F) -> (N,); higher = more anomalous."""
+    centred = features - mean  # (N, F)
+    return np.sqrt(np.maximum(np.einsum("nf,fg,ng->n", centred, precision, centred), 0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> None:
     """Reject impossible settings with one sentence."""
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
@@ -480,6 +517,20 @@ def run(args: argparse.Namespace) -> dict:
         scores = 1 / (1 + np.exp(-d))  # (N,) defect probability
         labels = np.array([s.label for s in eval_samples])
         metrics = compute_metrics(labels, scores, masks, maps, np.array([s.has_mask for s in eval_samples]))
+        density = None
+        if args.synthetic == "cutpaste":  # CutPaste's own score: the Gaussian of the training normals' features
+            feature = lambda samples: pooled_features(model, samples, args.backbone, args.image_size, device,
+                                                      args.batch_size, args.precision, args.workers)
+            mean, prec = fit_density(feature([s for s in fit_samples if s.label == 0]))  # (F,), (F, F)
+            density = {"eval": mahalanobis(feature(eval_samples), mean, prec),  # (N,)
+                       "heldout": mahalanobis(feature(val_normals), mean, prec)}  # (N_val_normal,)
+            density_threshold = normal_threshold(density["heldout"])
+            metrics["density"] = {**compute_metrics(labels, density["eval"]), "threshold": density_threshold,
+                                  **{f"{k}_at_threshold": v for k, v in operating_point(
+                                      labels, density["eval"], density_threshold).items() if k != "threshold"},
+                                  "n_fit_normals": sum(1 for s in fit_samples if s.label == 0)}
+            print(f"CutPaste density (Mahalanobis distance of the pooled features): image AUROC "
+                  f"{metrics['density']['image_auroc']:.4f}, output score {metrics['image_auroc']:.4f}")
         point = operating_point(labels, scores, threshold)
         metrics.update(threshold=threshold, recall_at_threshold=point["recall"], fpr_at_threshold=point["fpr"],
                        best_epoch=best["epoch"], val_auroc=best["val_auroc"], train_seconds=train_seconds,
@@ -495,13 +546,18 @@ def run(args: argparse.Namespace) -> dict:
         # set, model.pt, optional overlays
         data.write_scores(tmp / "scores.csv", eval_samples, scores)
         data.write_scores(tmp / "heldout_scores.csv", val_normals, normal_scores)
+        if density is not None:  # the same images scored by the density: report.py makes a method row of it
+            data.write_scores(tmp / "density_scores.csv", eval_samples, density["eval"])
+            data.write_scores(tmp / "density_heldout_scores.csv", val_normals, density["heldout"])
         data.write_json(tmp / "metrics.json", metrics)
         data.write_json(tmp / "args.json", data.recorded_args(args))
         data.write_json(tmp / "images.json", {"split": split, "train": [s.rel for s in fit_samples],
                                               "val": [s.rel for s in val_samples],
                                               "eval": [s.rel for s in eval_samples]})
         Checkpoint(args.backbone, args.image_size, threshold, best["epoch"],
-                   {k: v.cpu() for k, v in best_state.items()}).save(tmp / "model.pt")
+                   {k: v.cpu() for k, v in best_state.items()},
+                   *((torch.from_numpy(mean).float(), torch.from_numpy(prec).float(), density_threshold)
+                     if density is not None else ())).save(tmp / "model.pt")
         for rank, i in enumerate(np.argsort(-scores, kind="stable")[:args.save_maps]):
             (tmp / "maps").mkdir(exist_ok=True)
             s = eval_samples[i]

@@ -1,19 +1,23 @@
 """The metrics of the whole project, one implementation each: image AUROC, AP, F1-max, the deployable threshold,
-pixel AUROC, AUPRO, and bootstrap intervals (one AUROC, or the paired difference of two methods on the same images).
+pixel AUROC, AUPRO, bootstrap intervals (one AUROC, or the paired difference of two methods on the same images) and
+the interval of a difference measured by several training draws (seeds), which carries both the seeds and the images.
 classify.py, patchcore.py and evaluate.py all import them from here.
 
 Labels: 0 good, 1 defect. Scores and maps: higher = more anomalous; a sample is flagged at score >= t.
 
     python metrics.py --scores runs/patchcore/tire/scores.csv          # image AUROC with its 95 % interval, AP, F1
     python metrics.py --scores runs/a/scores.csv --compare runs/b/scores.csv   # paired difference on the same images
+    python metrics.py --scores a0/scores.csv a1/scores.csv a2/scores.csv --compare b0/scores.csv b1/scores.csv \
+        b2/scores.csv                                # one pair per seed: the interval over seeds and images
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 import data
@@ -251,28 +255,147 @@ def excludes_zero(low: float, high: float) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# A difference over training draws AND evaluation images (issue 32). Each seed trains its own model and measures the
+# paired difference d_s of two methods on (nearly) the same evaluation images, so d_s = mu + tau_s + e_s: tau_s the
+# training draw, e_s the images' sampling error, which the seeds largely share. The image bootstrap above sees e
+# only; the spread of the d_s sees tau and the part of e that differs between seeds, not the shared part. So the
+# interval adds both: var = s^2 / n (the seeds' sample variance of d_s) + v (the bootstrap variance of the seeds'
+# mean when the images are resampled, the models fixed; images shared by seeds are drawn together), with Student's
+# t at Welch-Satterthwaite's degrees of freedom (the bootstrap term counts as known exactly). Why not a two-level
+# percentile bootstrap (draw seeds, then images): with n = 3-5 seeds it undercovers, since a resampled mean of n
+# values varies (n - 1) / n as much as the true one and 3 seeds give 10 distinct draws; t over the d_s does not
+# (tests/test_metrics.py simulates it). Over several categories every category has its own seeds: the mean over
+# categories, each weighted equally, with the seed terms of each. One seed: nothing measures tau, the interval is
+# the image bootstrap's and must say so.
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Replicate:
+    """One training draw's paired comparison: methods a and b scored the same evaluation images."""
+    category: str
+    seed: int
+    paths: np.ndarray   # (N,) image names: images of one category shared by several seeds are resampled together
+    labels: np.ndarray  # (N,) 0 good, 1 defect
+    a: np.ndarray       # (N,) method a's scores
+    b: np.ndarray       # (N,) method b's scores
+
+
+def joint_image_resamples(reps: list[Replicate], seed: int, n_resamples: int) -> np.ndarray:
+    """AUROC(a) - AUROC(b) of every replicate on R resamples of its category's images (R, n_reps): each image of the
+    union of the replicates' images is drawn with one count per resample, stratified by class, so a replicate's
+    resampled AUROC weighs its images by their counts, and replicates that share images share the draw."""
+    union = {}
+    for r in reps:
+        union.update(zip(r.paths.tolist(), r.labels.tolist()))
+    names = sorted(union)
+    label = np.array([union[n] for n in names])
+    c_pos, c_neg = bootstrap_counts(int(label.sum()), int((label == 0).sum()), seed, n_resamples)  # (R, P), (R, Q)
+    counts = np.zeros((n_resamples, len(names)))  # (R, P + Q) per image of the union
+    counts[:, label == 1], counts[:, label == 0] = c_pos, c_neg
+    where = {n: i for i, n in enumerate(names)}
+    out = np.zeros((n_resamples, len(reps)))
+    for j, r in enumerate(reps):
+        w = counts[:, [where[p] for p in r.paths.tolist()]]  # (R, N) this replicate's images' counts
+        w_pos, w_neg = w[:, r.labels == 1], w[:, r.labels == 0]  # (R, P_r), (R, Q_r)
+        norm = np.maximum(w_pos.sum(1) * w_neg.sum(1), 1)  # (R,) pairs drawn (never 0 in practice: guarded)
+        for sign, scores in ((1, r.a), (-1, r.b)):
+            pos, neg = scores[r.labels == 1], scores[r.labels == 0]
+            wins = (pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])  # (P_r, Q_r)
+            out[:, j] += sign * np.einsum("rp,pq,rq->r", w_pos, wins, w_neg) / norm
+    return out
+
+
+@dataclass
+class SeededDifference:
+    """A paired difference over seeds and images: the point, its interval, and what it rests on."""
+    difference: float
+    low: float
+    high: float
+    per_seed: dict  # {seed: the difference of that seed, mean over the categories that have it}
+    n_seeds: dict   # {category: seeds}
+    one_draw: bool  # some category has one seed: its training draw is in no interval (image bootstrap only)
+
+    @property
+    def real(self) -> bool:
+        return excludes_zero(self.low, self.high)
+
+
+def seeded_difference(reps: list[Replicate], seed: int = 0, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                      confidence: float = CONFIDENCE) -> SeededDifference:
+    """Mean over categories (each equally) of each category's mean over seeds of AUROC(a) - AUROC(b), with a 95 %
+    interval over training draws and evaluation images (see the comment above). Several replicates of one
+    (category, seed), e.g. hard's known types, are averaged into that seed's difference first."""
+    categories = sorted({r.category for r in reps})
+    point, var_seeds, dof_terms, n_seeds, resampled = 0.0, 0.0, 0.0, {}, 0.0
+    for k, c in enumerate(categories):
+        mine = [r for r in reps if r.category == c]
+        seeds = sorted({r.seed for r in mine})
+        n_seeds[c] = len(seeds)
+        diffs = np.array([image_auroc(r.labels, r.a) - image_auroc(r.labels, r.b) for r in mine])  # (n_reps,)
+        per_seed = np.array([diffs[[r.seed == s for r in mine]].mean() for s in seeds])  # (n_c,)
+        boot = joint_image_resamples(mine, seed + k, n_resamples)  # (R, n_reps)
+        boot = np.stack([boot[:, [r.seed == s for r in mine]].mean(1) for s in seeds], 1).mean(1)  # (R,) seeds' mean
+        point += per_seed.mean() / len(categories)
+        resampled = resampled + boot / len(categories)
+        if len(seeds) > 1:
+            term = per_seed.var(ddof=1) / len(seeds) / len(categories) ** 2  # this category's seeds, s^2 / n
+            var_seeds += term
+            dof_terms += term ** 2 / (len(seeds) - 1)
+    by_seed = {}
+    for r in reps:
+        by_seed.setdefault(r.seed, {}).setdefault(r.category, []).append(image_auroc(r.labels, r.a) -
+                                                                          image_auroc(r.labels, r.b))
+    per_seed_mean = {s: float(np.mean([np.mean(v) for v in cats.values()])) for s, cats in sorted(by_seed.items())
+                     if len(cats) == len(categories)}  # a seed every category has
+    one_draw = min(n_seeds.values()) == 1
+    if var_seeds == 0 and one_draw:  # no seed spread measured anywhere: the image bootstrap's percentile interval
+        low, high = interval(resampled, confidence)
+        return SeededDifference(float(point), low, high, per_seed_mean, n_seeds, True)
+    var_images = float(np.var(resampled, ddof=1))
+    total = var_seeds + var_images
+    dof = total ** 2 / dof_terms if dof_terms > 0 else np.inf  # Welch-Satterthwaite; the bootstrap term: infinite
+    half = float(stats.t.ppf(0.5 + confidence / 2, dof)) * np.sqrt(total)
+    return SeededDifference(float(point), float(point - half), float(point + half), per_seed_mean, n_seeds, one_draw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
-    """Image metrics of one scores.csv, with the AUROC interval; with --compare, the paired difference."""
-    paths, labels, _, scores = data.read_scores(args.scores)
+    """Image metrics of one scores.csv, with the AUROC interval; with --compare, the paired difference: over the
+    images for one pair of files, over seeds and images for several (one pair per training draw, in order)."""
+    paths, labels, _, scores = data.read_scores(args.scores[0])
     out = {"image_auroc": image_auroc(labels, scores), "average_precision": average_precision(labels, scores),
            "f1_max": f1_max(labels, scores)[0]}
     out["image_auroc_low"], out["image_auroc_high"] = auroc_interval(labels, scores, args.seed, args.resamples)
     if args.compare:
-        other = dict(zip(*data.read_scores(args.compare)[::3]))
-        if set(paths) != set(other):
-            raise data.DataError(f"{args.compare} does not score the same images as {args.scores}")
-        diff, low, high = paired_auroc_difference(labels, scores, [other[p] for p in paths], args.seed,
-                                                  args.resamples)
-        out.update(difference=diff, difference_low=low, difference_high=high)
+        if len(args.compare) != len(args.scores):
+            raise data.DataError(f"--compare needs one file per --scores file (one pair per seed), got "
+                                 f"{len(args.compare)} and {len(args.scores)}")
+        reps = []
+        for k, (a, b) in enumerate(zip(args.scores, args.compare)):
+            paths, labels, _, scores = data.read_scores(a)
+            other = dict(zip(*data.read_scores(b)[::3]))
+            if set(paths) != set(other):
+                raise data.DataError(f"{b} does not score the same images as {a}")
+            reps.append(Replicate("-", k, np.array(paths), np.asarray(labels), np.asarray(scores, float),
+                                  np.array([other[p] for p in paths], dtype=float)))
+        d = seeded_difference(reps, args.seed, args.resamples)
+        out.update(difference=d.difference, difference_low=d.low, difference_high=d.high)
+        out.update({f"difference_seed{k}": v for k, v in d.per_seed.items()})
     for key, value in out.items():
         print(f"{key:<22}{value:>10.4f}")
+    if args.compare:
+        print("reading: " + ("a real difference" if d.real else "not distinguishable") + (
+            " (one training draw: the interval covers the evaluation images only)" if d.one_draw else
+            f" (interval over {len(reps)} training draws and the evaluation images)"))
     return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scores", required=True, help="a scores.csv written by classify.py or patchcore.py")
-    p.add_argument("--compare", default=None, help="a second scores.csv of the same images: paired difference")
+    p.add_argument("--scores", required=True, nargs="+",
+                   help="a scores.csv written by classify.py or patchcore.py (several: one per seed, with --compare)")
+    p.add_argument("--compare", default=None, nargs="+",
+                   help="a second scores.csv of the same images for each --scores file: the paired difference, over "
+                        "the images for one pair, over seeds and images for several")
     p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES)
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
     return p.parse_args(argv)

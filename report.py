@@ -30,8 +30,13 @@ COST_METRICS = ("n_labelled", "train_seconds", "ms_per_image", "params_millions"
 # The classifier's arms (evaluate.py --synthetic): the plain classifier, and the same split trained with CutPaste
 # synthetic defects too (classify.py --synthetic cutpaste); each fused with PatchCore in its own fused detector.
 CLASSIFIERS = ("classifier", "classifier+cutpaste")
+# The CutPaste run scored as the CutPaste paper scores it (issue 32): the Mahalanobis distance of its pooled features
+# to the Gaussian of its training normals (classify.py's density_scores.csv), a method of its own, fused the same way.
+DENSITY = "cutpaste-density"
+TRAINED = (*CLASSIFIERS, DENSITY)  # every score of a trained network, each against PatchCore and the plain classifier
 LABELS = {"patchcore": "PatchCore", "classifier+cutpaste": "classifier + CutPaste",
-          "fused+cutpaste": "fused + CutPaste"}
+          "fused+cutpaste": "fused + CutPaste", DENSITY: "classifier + CutPaste, density",
+          f"fused+{DENSITY}": "fused + CutPaste, density"}
 
 
 def label(method: str) -> str:
@@ -86,6 +91,16 @@ def image_set_seed(paths: np.ndarray) -> int:
     return zlib.crc32("\n".join(sorted(paths)).encode())
 
 
+def load_density(run_dir: Path, info: dict, run: Scored) -> tuple[dict, Scored, dict[str, float]] | None:
+    """The CutPaste run's density scores as a run of their own (method DENSITY), None for a run without them."""
+    if not (run_dir / "density_scores.csv").is_file():
+        return None
+    paths, _, _, scores = data.read_scores(run_dir / "density_scores.csv")
+    heldout = dict(zip(*data.read_scores(run_dir / "density_heldout_scores.csv")[::3]))
+    threshold = json.loads((run_dir / "metrics.json").read_text())["density"]["threshold"]
+    return info, replace(run.on(np.array(paths)), method=DENSITY, scores=scores, threshold=threshold), heldout
+
+
 def load_run(run_dir: Path) -> tuple[dict, Scored, dict[str, float]]:
     """(study.json, the run's Scored, its held-out normal scores by path) of one finished run."""
     info = json.loads((run_dir / "study.json").read_text())
@@ -118,6 +133,11 @@ def calibrated(method: str, scores: np.ndarray, normal_scores: np.ndarray) -> np
     return (scores - np.mean(normal_scores)) / spread
 
 
+def fused_arm(method: str) -> str:
+    """The suffix of a trained method's fused detector: fused, fused+cutpaste, fused+cutpaste-density."""
+    return "+" + method if method == DENSITY else method.removeprefix("classifier")
+
+
 def fuse(pc: Scored, pc_normals: dict[str, float], cl: Scored, cl_normals: dict[str, float]) -> Scored | None:
     """The fused detector on the classifier's evaluation images (None without 2+ held-out normals per method):
     'fused' of the plain classifier, 'fused+cutpaste' of the CutPaste one."""
@@ -131,7 +151,7 @@ def fuse(pc: Scored, pc_normals: dict[str, float], cl: Scored, cl_normals: dict[
     both = sorted(set(pc_normals) & set(cl_normals))  # held-out normals scored by both methods
     threshold = metrics.normal_threshold(z(both, np.array([pc_normals[p] for p in both]),
                                            np.array([cl_normals[p] for p in both]))) if both else None
-    return replace(cl, method="fused" + cl.method.removeprefix("classifier"), threshold=threshold, extra={},
+    return replace(cl, method="fused" + fused_arm(cl.method), threshold=threshold, extra={},
                    scores=z(cl.paths, pc_on.scores, cl.scores))
 
 
@@ -144,7 +164,9 @@ def collect(study_dir: Path) -> list[Scored]:
     did see the type, on the same images, and its fusion. general / hard: each classifier run (either arm), PatchCore's
     open-set scores of its images (once per split, however many arms read it) and their fusion.
     """
-    runs = [load_run(p.parent) for p in sorted(study_dir.rglob("study.json"))]
+    folders = [p.parent for p in sorted(study_dir.rglob("study.json"))]
+    runs = [load_run(f) for f in folders]
+    runs += [d for f, (info, run, _) in zip(folders, list(runs)) if (d := load_density(f, info, run))]
     if not runs:
         raise data.DataError(f"no finished runs under {study_dir} (expected <category>/seed<N>/<method>/<tag>/)")
     # PatchCore's run of each protocol: "all-types" (pool) or "open-set" (DRA)
@@ -222,16 +244,18 @@ def comparisons(scored: list[Scored]) -> list[tuple[str, Scored, Scored]]:
     """(name, a, b) pairs on identical images: every classifier set against PatchCore and the fused detector
     against both; per unseen type, the classifier without the type against the classifier with it. The CutPaste
     classifier against PatchCore and against the plain classifier of its split (what synthetic defects add at the
-    same M), its fused detector against PatchCore."""
+    same M), its fused detector against PatchCore; its density score the same way, and against its output score."""
     out = []
-    for c in (s for s in scored if s.method in CLASSIFIERS
+    for c in (s for s in scored if s.method in TRAINED
               and s.scenario in ("all-types", "unseen-type", *splits.OPEN_SET_SCENARIOS)):
         pc = partner(scored, c, "patchcore")
-        arm = c.method.removeprefix("classifier")  # "" or "+cutpaste"
+        arm = fused_arm(c.method)  # "", "+cutpaste" or "+cutpaste-density"
         fused = partner(scored, c, f"fused{arm}", tag=c.tag)
         pairs = [(f"{c.method} - PatchCore", c, pc), (f"fused{arm} - PatchCore", fused, pc)]
         pairs += [(f"{c.method} - classifier", c, partner(scored, c, "classifier", tag=c.tag, held_out=c.held_out))] \
             if arm else [("fused - classifier", fused, c)]
+        pairs += [(f"{c.method} - classifier+cutpaste", c, partner(scored, c, "classifier+cutpaste", tag=c.tag,
+                                                                   held_out=c.held_out))] if c.method == DENSITY else []
         out += [(n, a, b) for n, a, b in pairs if a is not None and b is not None]
         if c.scenario == "unseen-type":
             seen = partner(scored, c, "classifier", held_out=c.held_out, scenario="seen-type")
@@ -303,16 +327,13 @@ def pooled_interval(sets: list[Scored]) -> tuple[float, float] | None:
     return metrics.interval(category_mean([resamples(s) for s in sets], [s.category for s in sets]))
 
 
-def pooled_difference(pairs: list[tuple[Scored, Scored]]) -> tuple[float, float, float] | None:
-    """(mean AUROC(a) - AUROC(b), its 95 % paired bootstrap interval) over pairs on identical images, categories
-    weighted equally."""
+def pooled_difference(pairs: list[tuple[Scored, Scored]]) -> metrics.SeededDifference | None:
+    """Mean AUROC(a) - AUROC(b) over pairs on identical images, categories weighted equally, with its 95 % interval
+    over training draws (the seeds of each category) and evaluation images (metrics.seeded_difference)."""
     if not pairs:
         return None
-    cats = [a.category for a, _ in pairs]
-    diff = category_mean([resamples(a) - resamples(b) for a, b in pairs], cats)  # (R,) same resamples for a and b
-    point = category_mean([metrics.image_auroc(a.labels, a.scores) - metrics.image_auroc(b.labels, b.scores)
-                           for a, b in pairs], cats)
-    return float(point), *metrics.interval(diff)
+    reps = [metrics.Replicate(a.category, a.seed, a.paths, a.labels, a.scores, b.scores) for a, b in pairs]
+    return metrics.seeded_difference(reps, image_set_seed(np.unique(np.concatenate([a.paths for a, _ in pairs]))))
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -333,11 +354,22 @@ def fmt_diff(d: float) -> str:
     return f"{round(d, 3) + 0.0:+.3f}"
 
 
-def verdict(diff: tuple[float, float, float], first: str = "first", second: str = "second") -> str:
+ONE_DRAW = "one training draw: the interval covers the evaluation images only"
+
+
+def verdict(d: metrics.SeededDifference, first: str = "first", second: str = "second") -> str:
     """How the report reads a paired difference first - second: real only when its interval excludes 0."""
-    if not metrics.excludes_zero(diff[1], diff[2]):
+    if not d.real:
         return "not distinguishable"
-    return f"{first if diff[0] > 0 else second} ahead"
+    return f"{first if d.difference > 0 else second} ahead"
+
+
+def difference_cells(d: metrics.SeededDifference, first: str, second: str) -> list[str]:
+    """The cells of a paired-difference row: difference, interval, reading (saying when one seed is all it has),
+    and the per-seed differences (each seed's mean over the categories in scope)."""
+    reading = verdict(d, first, second) + (f" ({ONE_DRAW})" if d.one_draw else "")
+    return [fmt_diff(d.difference), fmt_interval((d.low, d.high)), reading,
+            ", ".join(fmt_diff(v) for v in d.per_seed.values()) or "–"]
 
 
 def count(n: int, one: str, many: str) -> str:
@@ -368,10 +400,12 @@ def classifier_ks(rows: list[dict], scenario: str, categories: list[str]) -> lis
 
 # The open-set tables' methods and paired differences, in their order (a study without the CutPaste arm has none of
 # its rows: the rows a study did not run are left out).
-OPEN_SET_METHODS = ("patchcore", "classifier", "classifier+cutpaste", "fused", "fused+cutpaste")
+OPEN_SET_METHODS = ("patchcore", "classifier", "classifier+cutpaste", DENSITY, "fused", "fused+cutpaste",
+                    f"fused+{DENSITY}")
 OPEN_SET_COMPARISONS = ("classifier - PatchCore", "fused - PatchCore", "fused - classifier",
                         "classifier+cutpaste - PatchCore", "classifier+cutpaste - classifier",
-                        "fused+cutpaste - PatchCore")
+                        "fused+cutpaste - PatchCore", f"{DENSITY} - PatchCore", f"{DENSITY} - classifier",
+                        f"{DENSITY} - classifier+cutpaste", f"fused+{DENSITY} - PatchCore")
 
 
 def shown_name(comparison: str) -> str:
@@ -389,7 +423,7 @@ def scope_interval(scored: list[Scored], categories: list[str], **where) -> tupl
     return pooled_interval(sets) if {s.category for s in sets} == set(categories) else None
 
 
-def paired(scored: list[Scored], categories: list[str], name: str, **where) -> tuple[float, float, float] | None:
+def paired(scored: list[Scored], categories: list[str], name: str, **where) -> metrics.SeededDifference | None:
     """The pooled paired difference `name` (see comparisons) over the matching sets of the categories; None unless
     every category has such a pair (as a mean over categories)."""
     pairs = [(a, b) for n, a, b in comparisons(scored) if n == name and a.category in categories
@@ -445,16 +479,14 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
         for name in ("classifier - PatchCore", "fused - PatchCore", "fused - classifier"):
             d = paired(scored, categories, name, scenario="all-types", tag=tag)
             shown = name.replace("classifier", f"classifier {tag}").replace("fused", f"fused {tag}")
-            body += [[shown, "all types seen", fmt_diff(d[0]), fmt_interval(d[1:]),
-                      verdict(d, *shown.split(" - "))]] if d else []
+            body += [[shown, "all types seen", *difference_cells(d, *shown.split(" - "))]] if d else []
     for name in ("classifier - PatchCore", "fused - PatchCore", "classifier unseen - seen"):
         d = paired(scored, categories, name, scenario="unseen-type")
         first, second = ("type unseen", "type seen") if name.endswith("seen") else name.split(" - ")
-        body += [[name, "one type unseen (every type)", fmt_diff(d[0]), fmt_interval(d[1:]),
-                  verdict(d, first, second)]] if d else []
+        body += [[name, "one type unseen (every type)", *difference_cells(d, first, second)]] if d else []
     if body:
-        out["Paired differences in image AUROC (same images, 95 % paired bootstrap interval)"] = markdown(
-            ["first - second", "scenario", "difference", "95 % interval", "reading"], body)
+        out["Paired differences in image AUROC (same images; 95 % interval over seeds and images)"] = markdown(
+            ["first - second", "scenario", "difference", "95 % interval", "reading", "per seed"], body)
     # 5. DRA's open-set protocol. general: M labelled anomalies drawn from every type, evaluated on all other test
     # images; PatchCore's row of each M is its scores of exactly those images. Its whole-test-set row is the number
     # the PatchCore paper publishes.
@@ -480,9 +512,10 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
                                       for c in categories]))
     body = []
     has_hard = bool(in_scope(scored, categories, scenario="hard"))
-    methods = [m for m in ("classifier", "classifier+cutpaste", "patchcore", "fused", "fused+cutpaste")
+    methods = [m for m in ("classifier", "classifier+cutpaste", DENSITY, "patchcore", "fused", "fused+cutpaste",
+                           f"fused+{DENSITY}")
                if m in ("classifier", "patchcore", "fused") or in_scope(scored, categories, scenario="hard", method=m)]
-    with_interval = [m for m in methods if m in ("patchcore", *CLASSIFIERS)]
+    with_interval = [m for m in methods if m in ("patchcore", *TRAINED)]
     for t in types + (["mean"] if has_hard else []):
         where = {"scenario": "hard"} if t == "mean" else {"scenario": "hard", "held_out": t}
         n = next((v for m in CLASSIFIERS if (v := per_seed(rows, categories, method=m, metric="n_labelled", **where))),
@@ -498,15 +531,14 @@ def tables(rows: list[dict], scored: list[Scored], categories: list[str]) -> dic
     for tag in classifier_ks(rows, "general", categories):
         for name in OPEN_SET_COMPARISONS:
             d = paired(scored, categories, name, scenario="general", tag=tag)
-            body += [[shown_name(name), tag, fmt_diff(d[0]), fmt_interval(d[1:]),
-                      verdict(d, *shown_name(name).split(" - "))]] if d else []
+            body += [[shown_name(name), tag, *difference_cells(d, *shown_name(name).split(" - "))]] if d else []
     for name in OPEN_SET_COMPARISONS:
         d = paired(scored, categories, name, scenario="hard")
-        body += [[shown_name(name), "hard (every known type)", fmt_diff(d[0]), fmt_interval(d[1:]),
-                  verdict(d, *shown_name(name).split(" - "))]] if d else []
+        body += [[shown_name(name), "hard (every known type)", *difference_cells(d, *shown_name(name).split(" - "))]] \
+            if d else []
     if body:
-        out["Open-set paired differences in image AUROC (same images, 95 % paired bootstrap interval)"] = markdown(
-            ["first - second", "scenario", "difference", "95 % interval", "reading"], body)
+        out["Open-set paired differences in image AUROC (same images; 95 % interval over seeds and images)"] = \
+            markdown(["first - second", "scenario", "difference", "95 % interval", "reading", "per seed"], body)
     # 6. Costs: one row per run kind, with that run's own training time (never averaged over different k)
     body = []
     for name, where in [("PatchCore (pool protocol)", dict(scenario="all-types", method="patchcore")),
@@ -538,8 +570,8 @@ def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> s
         d = paired(scored, categories, name, **where)
         if d is None:
             return ""
-        read = verdict(d, first, second).replace(" ahead", " is ahead")
-        return f"{fmt_diff(d[0])}, 95 % interval {fmt_interval(d[1:])}: {read}"
+        read = verdict(d, first, second).replace(" ahead", " is ahead") + (f" ({ONE_DRAW})" if d.one_draw else "")
+        return f"{fmt_diff(d.difference)}, 95 % interval {fmt_interval((d.low, d.high))}: {read}"
 
     n_seeds = len({r["seed"] for r in rows})
     scope = f"mean over {count(len(categories), 'category', 'categories')} and {count(n_seeds, 'seed', 'seeds')}"
@@ -597,14 +629,16 @@ def findings(rows: list[dict], scored: list[Scored], categories: list[str]) -> s
     def open_set(**where) -> tuple[str, str]:
         """'classifier 0.8, ..., fused 0.9' and 'classifier - PatchCore +0.1, ...' of one open-set setting: the
         methods and differences the study has (general-0: PatchCore and the CutPaste arm only)."""
-        values = {m: mean(method=m, **where) for m in ("classifier", "classifier+cutpaste", "patchcore", "fused",
-                                                       "fused+cutpaste")}
+        values = {m: mean(method=m, **where) for m in ("classifier", "classifier+cutpaste", DENSITY, "patchcore",
+                                                       "fused", "fused+cutpaste", f"fused+{DENSITY}")}
         said = ", ".join(f"{label(m)} {say(v) if v else '–'}" + (" on the same images" if m == "patchcore" else "")
                          for m, v in values.items() if v or (m == "fused" and values["classifier"]))
         diffs = [(name, compare(name, first, second, **where)) for name, first, second in (
             ("classifier - PatchCore", "the classifier", "PatchCore"),
             ("classifier+cutpaste - PatchCore", "the classifier + CutPaste", "PatchCore"),
-            ("classifier+cutpaste - classifier", "the classifier + CutPaste", "the plain classifier"))]
+            ("classifier+cutpaste - classifier", "the classifier + CutPaste", "the plain classifier"),
+            (f"{DENSITY} - PatchCore", "CutPaste's density", "PatchCore"),
+            (f"{DENSITY} - classifier+cutpaste", "CutPaste's density", "its output score"))]
         return said, "; ".join(f"{shown_name(name)} {text}" for name, text in diffs if text)
     for tag in classifier_ks(rows, "general", categories):  # DRA's general setting, per M
         said, diffs = open_set(scenario="general", tag=tag)
@@ -630,10 +664,12 @@ def labels_needed(scored: list[Scored], category: str, tags: list[str]) -> str:
         d = paired(scored, [category], name, **where)
         if d is None:
             return None
-        return f"{fmt_diff(d[0])} {fmt_interval(d[1:])}", verdict(d, first, second), verdict(d) == "first ahead"
+        return f"{fmt_diff(d.difference)} {fmt_interval((d.low, d.high))}" + (" (one seed)" if d.one_draw else ""), \
+            verdict(d, first, second), verdict(d) == "first ahead"
     ms = {tag: int(tag_order(tag)) for tag in tags}  # general-10 -> 10
     needs = []
-    for method, how in (("classifier", "without synthetic defects"), ("classifier+cutpaste", "with CutPaste defects")):
+    for method, how in (("classifier", "without synthetic defects"), ("classifier+cutpaste", "with CutPaste defects"),
+                        (DENSITY, "with CutPaste defects, scored by their density")):
         reads = {ms[t]: r for t in tags if (r := read(f"{method} - PatchCore", scenario="general", tag=t))}
         if reads:
             run = sorted(reads)
@@ -708,8 +744,8 @@ def plot_all(rows: list[dict], categories: list[str], out: Path) -> list[str]:
     # per category
     settings = [(t, dict(scenario="general", tag=t)) for t in classifier_ks(rows, "general", categories)] + \
         ([("hard", dict(scenario="hard"))] if select(rows, scenario="hard") else [])
-    methods = [m for m in ("classifier", "classifier+cutpaste", "patchcore", "fused", "fused+cutpaste")
-               if m in ("classifier", "patchcore", "fused") or select(rows, method=m)]
+    methods = [m for m in ("classifier", "classifier+cutpaste", DENSITY, "patchcore", "fused", "fused+cutpaste",
+                           f"fused+{DENSITY}") if m in ("classifier", "patchcore", "fused") or select(rows, method=m)]
     if settings:
         width = 0.8 / len(methods)
         wide = 1.2 + 0.55 * len(methods) * len(settings) * len(categories)  # ~1.6 per setting of 3 methods
@@ -780,14 +816,20 @@ def write(study_dir: Path, heatmaps: Callable[[list[tuple[str, int, str, str]]],
     parts = ["# Classifier vs PatchCore: study report", "",
              f"Study folder `{data.portable(study_dir)}`; {count(len(categories), 'category', 'categories')}, "
              f"seeds {sorted({s.seed for s in scored})}. "
-             "Every number is mean ± std over seeds; intervals are 95 % stratified bootstrap intervals over the "
-             f"evaluation images ({metrics.BOOTSTRAP_RESAMPLES} resamples, pooled over seeds and categories), "
-             "paired when two methods are compared on the same images. The fused detector is the larger of the "
+             "Every number is mean ± std over seeds. A method's interval is a 95 % stratified bootstrap interval "
+             f"over the evaluation images ({metrics.BOOTSTRAP_RESAMPLES} resamples, pooled over seeds and "
+             "categories). A paired difference of two methods on the same images has a 95 % interval over the "
+             "training draws and the images: Student's t over the per-seed differences (shown beside it), their "
+             "variance plus the image bootstrap's (metrics.seeded_difference; docs/statistics.md); with one seed "
+             "the interval covers the images only and the reading says so. The fused detector is the larger of the "
              "two methods' scores, each in standard deviations of its held-out normal scores. " +
              ("Classifier + CutPaste is the same classifier trained on the same split with CutPaste synthetic "
               "defects made from its normal images (classify.py --synthetic cutpaste; general-0: no real label); "
               "fused + CutPaste fuses it with PatchCore the same way. " if select(scored, method="classifier+cutpaste")
               else "") +
+             ("Classifier + CutPaste, density scores the same CutPaste runs as the CutPaste paper does: the "
+              "Mahalanobis distance of the network's pooled features to a Gaussian fitted on its training normals "
+              "(Ledoit-Wolf covariance), never its output. " if select(scored, method=DENSITY) else "") +
              "Generated by report.py from the runs' scores.csv (image metrics) and metrics.json (pixel metrics, "
              "costs).", "",
              "## Findings", "", findings(rows, scored, categories), ""]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from sklearn.metrics import roc_auc_score
 
 import backbones
 import classify
@@ -160,6 +161,40 @@ def test_zero_label_run_trains_and_validates_on_no_real_anomaly(zero_label_run, 
     assert saved["synthetic"] == "cutpaste" and saved["n_train_defects"] == saved["n_val_defects"] == 0
     assert saved["n_train_synthetic"] == len(sets["train"]) and saved["n_val_synthetic"] == len(sets["val"])
     assert all(h["val_auroc"] is not None for h in saved["history"])  # synthetic validation defects pick the epoch
+
+
+def test_cutpaste_run_also_scores_by_the_gaussian_density_of_its_features(zero_label_run, synth_root):
+    """Issue 32: a CutPaste run scores its evaluation images a second way, as the paper does: the Mahalanobis distance
+    of the pooled features to the Gaussian of its training normals; the same images, its own held-out threshold,
+    the density saved in model.pt (loadable with weights_only) and reproduced from it."""
+    out, metrics = zero_label_run
+    paths, labels, _, density = data.read_scores(out / "density_scores.csv")
+    assert paths == data.read_scores(out / "scores.csv")[0] and (density > 0).all()
+    held_paths, _, _, held = data.read_scores(out / "density_heldout_scores.csv")
+    assert held_paths == data.read_scores(out / "heldout_scores.csv")[0]
+    saved = json.loads((out / "metrics.json").read_text())["density"]
+    assert saved["threshold"] == pytest.approx(normal_threshold(held), rel=1e-8) and held.max() < saved["threshold"]
+    assert saved["image_auroc"] == pytest.approx(roc_auc_score(labels, density), abs=1e-12)
+    assert saved["n_fit_normals"] == sum(r.startswith("train/good/") for r in
+                                         json.loads((out / "images.json").read_text())["train"])
+    ckpt = classify.Checkpoint.load(out / "model.pt")
+    assert ckpt.density_mean.shape == (ckpt.density_precision.shape[0],) and ckpt.density_threshold == saved["threshold"]
+    model, _ = ckpt.build(torch.device("cpu"))
+    _, test = data.load_category(synth_root, "weave")
+    samples = [next(s for s in test if s.rel == p) for p in paths[:6]]
+    again = classify.mahalanobis(classify.pooled_features(model, samples, ckpt.backbone, ckpt.image_size,
+                                                          torch.device("cpu"), 4),
+                                 ckpt.density_mean.double().numpy(), ckpt.density_precision.double().numpy())
+    np.testing.assert_allclose(again, density[:6], rtol=1e-4)
+
+
+def test_gaussian_density_recovers_a_known_mahalanobis_distance():
+    """Many samples of N(mean, diag(sigma^2)): the fitted density's distance is |x - mean| / sigma per axis."""
+    rng = np.random.default_rng(0)
+    mean, sigma = np.array([1.0, -2.0, 0.5]), np.array([0.5, 2.0, 1.0])
+    m, precision = classify.fit_density(mean + sigma * rng.normal(size=(20000, 3)))
+    x = mean + np.array([[3 * sigma[0], 0, 0], [0, -2 * sigma[1], 0], [0, 0, 0]])  # 3, 2 and 0 standard deviations
+    np.testing.assert_allclose(classify.mahalanobis(x, m, precision), [3, 2, 0], atol=0.05)
 
 
 def test_zero_label_threshold_comes_from_the_validation_normals_only(zero_label_run):

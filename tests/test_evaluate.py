@@ -10,6 +10,7 @@ import pytest
 
 import data
 import evaluate
+import metrics
 import patchcore
 import report
 
@@ -124,6 +125,37 @@ def test_runs_mode_rebuilds_known_tables(tmp_path):
         assert (tmp_path / plot).stat().st_size > 0
 
 
+def test_verdicts_carry_the_training_draw_and_show_each_seed(tmp_path):
+    """Issue 32: three seeds whose classifier each is far from PatchCore on its images (every per-seed image interval
+    excludes 0), two above and one below: the pooled verdict must not call it, its per-seed column lists each
+    seed's difference exactly as differences.csv has it; with one seed the reading says what its interval covers."""
+    good, a = [f"/img/good/{i}.png" for i in range(20)], [f"/img/a/{i}.png" for i in range(20)]
+    paths, labels = good + a, [0] * 20 + [1] * 20
+    spread = np.linspace(0, 1, 20)
+    for seed, sign in ((0, 1), (1, 1), (2, -1)):
+        fake_run(tmp_path, "patchcore", "open-set", "open-set", paths, labels, np.r_[spread, spread + 0.5], 0.5, 0,
+                 dict(zip(HELDOUT, [0.01, 0.02, 0.015])), seed=seed)  # the same AUROC on every seed
+        fake_run(tmp_path, "classifier", "general-1", "general", paths, labels,
+                 np.r_[spread, spread + 5 * sign] / 10, 0.5, 1, dict(zip(HELDOUT, [0.01, 0.02, 0.015])), seed=seed,
+                 synthetic="none")  # AUROC 1 on seeds 0 and 1, 0 on seed 2
+    text = report.write(tmp_path)
+    per_run = {int(d["seed"]): d for d in read_csv(tmp_path / "differences.csv")
+               if d["comparison"] == "classifier - PatchCore"}
+    assert [per_run[s]["real"] for s in range(3)] == ["True"] * 3  # each seed alone: "real", either way
+    row = next(line for line in text.splitlines() if line.startswith("| classifier - PatchCore | general-1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "not distinguishable"
+    assert cells[5] == ", ".join(report.fmt_diff(float(per_run[s]["difference"])) for s in range(3))
+    pc = metrics.image_auroc(labels, np.r_[spread, spread + 0.5])
+    assert cells[5] == ", ".join(report.fmt_diff(v - pc) for v in (1, 1, 0))  # AUROC 1, 1 and 0 against PatchCore's
+    assert "| first - second | scenario | difference | 95 % interval | reading | per seed |" in text
+    for seed in (1, 2):
+        shutil.rmtree(tmp_path / "cat" / f"seed{seed}")
+    one = report.write(tmp_path)
+    row = next(line for line in one.splitlines() if line.startswith("| classifier - PatchCore | general-1 |"))
+    assert f"classifier ahead ({report.ONE_DRAW})" in row
+
+
 def test_findings_on_labels_needed_come_from_the_intervals(tmp_path):
     """A hand-made open-set study: PatchCore middling, the plain classifier at chance, the CutPaste one perfect."""
     good, a, b = ([f"/img/{t}/{i}.png" for i in range(n)] for t, n in (("good", 20), ("a", 10), ("b", 10)))
@@ -161,7 +193,7 @@ def test_findings_on_labels_needed_come_from_the_intervals(tmp_path):
                                      *([p, l, t, score["none"](t, int(p.split("/")[3][:-4]))] for p, l, t, _ in zip(*rows))])
     findings = report.write(tmp_path).split("## Findings")[1].split("\n## ")[0]
     assert "with CutPaste defects, more than M = 1, ahead at no M run" in findings
-    assert "(classifier + CutPaste - classifier): M = 1: +0.000 [0.000, 0.000], not distinguishable." in findings
+    assert "(classifier + CutPaste - classifier): M = 1: +0.000 [0.000, 0.000] (one seed), not distinguishable." in findings
     assert findings.rstrip().endswith(": not distinguishable.")
 
 
@@ -373,20 +405,29 @@ def test_cutpaste_arm_trains_on_the_same_splits_and_zero_labels(synth_root, tmp_
         assert {("general", m, tag) for m in ("patchcore", "classifier+cutpaste", "fused+cutpaste")} <= aurocs
     assert ("general", "classifier", "general-0") not in aurocs and ("general", "classifier", "general-2") in aurocs
     assert {r["method"] for r in rows if r["scenario"] == "hard"} == {
-        "patchcore", "classifier", "classifier+cutpaste", "fused", "fused+cutpaste"}
+        "patchcore", "classifier", "classifier+cutpaste", "fused", "fused+cutpaste", "cutpaste-density",
+        "fused+cutpaste-density"}  # every CutPaste run is also scored by its Gaussian density (issue 32)
     assert [r["value"] for r in rows if (r["method"], r["tag"], r["metric"]) ==
             ("classifier+cutpaste", "general-0", "n_labelled")] == ["0"]
     diffs = {(d["comparison"], d["tag"]) for d in read_csv(out / "differences.csv") if d["scenario"] == "general"}
     assert {("classifier+cutpaste - PatchCore", "general-0"), ("classifier+cutpaste - PatchCore", "general-2"),
             ("classifier+cutpaste - classifier", "general-2"), ("fused+cutpaste - PatchCore", "general-0")} <= diffs
     assert ("classifier+cutpaste - classifier", "general-0") not in diffs  # no plain classifier at M = 0
+    assert {("cutpaste-density - PatchCore", "general-0"), ("cutpaste-density - classifier+cutpaste", "general-0"),
+            ("cutpaste-density - classifier", "general-2"), ("fused+cutpaste-density - PatchCore", "general-0")} <= diffs
+    density = data.read_scores(base / "classify" / "general-0-cutpaste" / "density_scores.csv")
+    assert float([r["value"] for r in rows if (r["method"], r["tag"], r["metric"]) ==
+                  ("cutpaste-density", "general-0", "image_auroc")][0]) == pytest.approx(
+        metrics.image_auroc(density[1], density[3]), abs=1e-12)
     hard = {d["comparison"] for d in read_csv(out / "differences.csv") if d["scenario"] == "hard"}
     assert {"classifier+cutpaste - PatchCore", "classifier+cutpaste - classifier"} <= hard
     # The report: the arm's rows beside the others, its paired differences, costs and a finding per category
     for line in ("| classifier + CutPaste, general-0 | 0 |", "| classifier + CutPaste, general-2 | 2 |",
                  "| fused + CutPaste, general-0 | 0 |", "| classifier, general-2 | 2 |",
                  "| classifier + CutPaste - classifier | general-2 |", "| classifier + CutPaste - PatchCore | hard",
-                 "| classifier + CutPaste general-0 | 0 |", "| classifier + CutPaste, hard (mean over known types) |"):
+                 "| classifier + CutPaste general-0 | 0 |", "| classifier + CutPaste, hard (mean over known types) |",
+                 "| classifier + CutPaste, density, general-0 | 0 |", "| fused + CutPaste, density, general-0 | 0 |",
+                 "| classifier + CutPaste, density - classifier + CutPaste | general-0 |"):
         assert line in text, line
     assert "| classifier, general-0 |" not in text
     assert "classifier + CutPaste 95 % interval" in text  # the hard table's column

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, stats
 from sklearn.metrics import roc_auc_score
 
 import metrics
@@ -260,3 +260,97 @@ def test_paired_difference_of_a_clearly_better_method_excludes_zero():
     diff, low, high = metrics.paired_auroc_difference(labels, good, chance, seed=0)
     assert 0 < low < diff < high and metrics.excludes_zero(low, high)
     assert metrics.excludes_zero(*metrics.paired_auroc_difference(labels, chance, good, seed=0)[1:])
+
+
+# ---- intervals over seeds and images (issue 32) -----------------------------------------------------------------
+def simulated_study(rng, n_seeds: int, mu: float, sigma_seed: float, n_good: int = 40, n_defect: int = 40,
+                    base: float = 0.75) -> list:
+    """One simulated study with known truth: method b's scores are fixed (a PatchCore: no training draw), method a
+    is retrained per seed; a's expected AUROC on seed s is base + mu + tau_s, tau_s ~ N(0, sigma_seed^2), so the
+    per-seed difference is drawn from N(mu, sigma_seed^2) and the finite evaluation set adds its image-level noise
+    on top: one set of images for every seed (as the study's), each image with a difficulty both methods see."""
+    labels = np.r_[np.zeros(n_good, int), np.ones(n_defect, int)]
+    hard = rng.normal(size=labels.size)  # (N,) shared by both methods and every seed
+    noise = lambda: 0.6 * hard + 0.8 * rng.normal(size=labels.size)  # unit variance: AUROC = Phi(sep / sqrt 2)
+    sep = lambda auroc: np.sqrt(2) * stats.norm.ppf(np.clip(auroc, 0.51, 0.99))
+    b = labels * sep(base) + noise()
+    paths = np.array([f"img{i:03d}.png" for i in range(labels.size)])
+    return [metrics.Replicate("c", s, paths, labels, labels * sep(base + mu + rng.normal(0, sigma_seed)) + noise(), b)
+            for s in range(n_seeds)]
+
+
+def image_only_interval(reps: list, n_resamples: int) -> tuple[float, float]:
+    """Today's interval before issue 32: every run's images resampled, each run's model held fixed, mean over seeds."""
+    diffs = [metrics.auroc_resamples(r.labels, r.a, c) - metrics.auroc_resamples(r.labels, r.b, c)
+             for r in reps for c in [metrics.bootstrap_counts(int(r.labels.sum()), int((r.labels == 0).sum()),
+                                                              1000 + r.seed, n_resamples)]]
+    return metrics.interval(np.mean(diffs, axis=0))
+
+
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_seed_and_image_interval_keeps_its_coverage_where_the_image_interval_does_not(n_seeds):
+    """mu = 0 with the training draw's spread (0.1) large against the images' (~0.03): the seed-aware interval
+    excludes 0 in at most 10 of 100 simulated studies, the image-only interval far more often."""
+    rng = np.random.default_rng(n_seeds)
+    ours = image_only = 0
+    for _ in range(100):
+        reps = simulated_study(rng, n_seeds, mu=0.0, sigma_seed=0.1)
+        d = metrics.seeded_difference(reps, seed=0, n_resamples=300)
+        assert not d.one_draw and sorted(d.per_seed) == list(range(n_seeds))
+        ours += d.real
+        image_only += metrics.excludes_zero(*image_only_interval(reps, 300))
+    assert ours <= 10 and image_only >= 30  # 9 vs 41 (3 seeds), 4 vs 39 (5 seeds) when written
+
+
+def test_seed_and_image_interval_finds_a_difference_of_three_seed_spreads():
+    """mu = 3 sigma_seed with 5 seeds: the difference is found (the interval above 0) in most studies."""
+    rng = np.random.default_rng(7)
+    found = sum(metrics.seeded_difference(simulated_study(rng, 5, mu=0.15, sigma_seed=0.05), n_resamples=300).low > 0
+                for _ in range(100))
+    assert found >= 80
+
+
+def test_seeded_difference_per_seed_values_categories_and_one_draw():
+    """Per-seed values are each seed's paired AUROC difference (the mean over its replicates, e.g. hard's types);
+    over categories every category weighs the same; one seed says so and keeps the image bootstrap interval."""
+    rng = np.random.default_rng(3)
+    reps = simulated_study(rng, 3, mu=0.1, sigma_seed=0.05)
+    by_hand = [metrics.image_auroc(r.labels, r.a) - metrics.image_auroc(r.labels, r.b) for r in reps]
+    d = metrics.seeded_difference(reps, n_resamples=200)
+    np.testing.assert_allclose([d.per_seed[s] for s in range(3)], by_hand)
+    assert d.difference == pytest.approx(np.mean(by_hand)) and d.low < d.difference < d.high
+    twice = reps + [metrics.Replicate("c", r.seed, r.paths, r.labels, r.b, r.a) for r in reps]  # a second "type"
+    assert metrics.seeded_difference(twice, n_resamples=200).per_seed == pytest.approx({0: 0.0, 1: 0.0, 2: 0.0})
+    other = [metrics.Replicate("d", r.seed, r.paths, r.labels, r.b, r.a) for r in reps]  # -diff in a 2nd category
+    both = metrics.seeded_difference(reps + other, n_resamples=200)
+    assert both.difference == pytest.approx(0.0, abs=1e-12) and both.n_seeds == {"c": 3, "d": 3}
+    one = metrics.seeded_difference(reps[:1], n_resamples=200)
+    assert one.one_draw and one.per_seed == {0: pytest.approx(by_hand[0])}
+    c = metrics.bootstrap_counts(int(reps[0].labels.sum()), int((reps[0].labels == 0).sum()), 0, 200)
+    same = metrics.interval(metrics.auroc_resamples(reps[0].labels, reps[0].a, c) -
+                            metrics.auroc_resamples(reps[0].labels, reps[0].b, c))
+    assert (one.low, one.high) == pytest.approx(same)  # one seed: exactly the paired image bootstrap
+
+
+def test_compare_over_seeds_on_the_command_line(tmp_path, capsys):
+    """metrics.py --scores a0 a1 --compare b0 b1: the per-seed differences and the seed-aware interval."""
+    import csv
+    rng = np.random.default_rng(0)
+    reps = simulated_study(rng, 2, mu=0.1, sigma_seed=0.02)
+    files = {}
+    for r in reps:
+        for name, scores in (("a", r.a), ("b", r.b)):
+            path = tmp_path / f"{name}{r.seed}.csv"
+            with open(path, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "label", "defect_type", "score"])
+                order = rng.permutation(len(scores))  # the files need not list the images in the same order
+                w.writerows([r.paths[i], r.labels[i], "bad" if r.labels[i] else "good", scores[i]] for i in order)
+            files[name, r.seed] = str(path)
+    out = metrics.main(["--scores", files["a", 0], files["a", 1], "--compare", files["b", 0], files["b", 1]])
+    d = metrics.seeded_difference(reps)
+    assert out["difference"] == pytest.approx(d.difference) and out["difference_low"] == pytest.approx(d.low)
+    assert out["difference_seed1"] == pytest.approx(d.per_seed[1])
+    assert "interval over 2 training draws" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="one file per --scores file"):
+        metrics.main(["--scores", files["a", 0], files["a", 1], "--compare", files["b", 0]])
