@@ -729,7 +729,7 @@ def load_model(folder: str | Path, device: torch.device) -> tuple[MemoryBank, di
     info = data.read_model_json(folder)
     if info["kind"] != "patchcore":
         raise data.DataError(f"{folder} holds a {info['kind']} model, not a PatchCore memory bank")
-    bank = MemoryBank.load(Path(folder) / info["files"]["memory_bank"], device)
+    bank = MemoryBank.load(Path(folder) / info["files"].get("memory_bank", "memory_bank"), device)
     saved = {k: v for k, v in info["model"].items() if k in Settings.__dataclass_fields__}
     mine = asdict(bank.settings)
     differ = [k for k in mine if k != "weights" and k in saved and
