@@ -6,6 +6,7 @@ image by the distance of each of its patches to the nearest patch in the bank (F
     python synthetic.py --out /tmp/s --size 128
     python patchcore.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128
     python patchcore.py --data-root ~/mvtec --category bottle        # the paper's WideResNet-50, 512 px
+    python patchcore.py --data-root ~/parts --category new_part      # only train/good: fit + model.json (predict.py)
 """
 from __future__ import annotations
 
