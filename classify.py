@@ -374,6 +374,9 @@ def predict(model: nn.Module, samples: Sequence[data.Sample], backbone: str, ima
     """Defect log-odds (N,) (float32 values, as float64), Grad-CAM maps (N, S, S) (None without cam_layer) and
     masks (N, S, S) of samples. Eval mode: every image is scored on its own, so the results do not depend on the
     batch size. augment(image, 0, index): only SyntheticDefects, to score the fixed synthetic validation defects."""
+    if not samples:  # a category of normal images only has no evaluation image (issue 33)
+        return np.zeros(0), None if cam_layer is None else np.zeros((0, image_size, image_size), np.float32), \
+            np.zeros((0, image_size, image_size), bool)
     model.eval()
     loader = data.make_loader(samples, image_size, *backbones.normalization(backbone), batch_size, augment=augment,
                               cache=True, device=device, workers=workers)
@@ -449,6 +452,48 @@ def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 6. The model folder (issue 33): model.pt + model.json, all predict.py needs to score new images like the run
+# ----------------------------------------------------------------------------------------------------------------
+def calibrate(model: nn.Module, cam_layer: nn.Module, normals: Sequence[data.Sample], normal_scores: np.ndarray,
+              threshold: float, args: argparse.Namespace, device: torch.device) -> dict:
+    """model.json's calibration from the validation normals: their probabilities (N,) and threshold as the run set
+    them, and, from their Grad-CAM maps, the maps' fixed colour scale and the pixel threshold."""
+    _, maps = score(model, cam_layer, normals, args.backbone, args.image_size, device, args.batch_size,
+                    args.precision, args.workers)  # (N, S, S)
+    return data.calibration([s.rel for s in normals], normal_scores, maps, threshold,
+                            normal_threshold(maps.reshape(len(maps), -1).max(1)),
+                            "the validation normals (held-out good images, never trained on)")
+
+
+def save_model(folder: Path, args: argparse.Namespace, calib: dict) -> None:
+    """model.json beside model.pt: how the images reach the network, the calibration, the versions."""
+    mean, std = backbones.normalization(args.backbone)
+    model = {"backbone": args.backbone, "weights": data.portable(args.weights), "image_size": args.image_size,
+             "center_crop": None, "normalization": {"mean": list(mean), "std": list(std)},
+             "synthetic": args.synthetic, "score": "p(defect), the softmax of the 2-class head"}
+    data.write_model_json(folder, "classifier", {"model": "model.pt"}, model, calib, args.category)
+
+
+def load_model(folder: str | Path, device: torch.device) -> tuple[nn.Module, nn.Module, dict]:
+    """(the model in eval mode, its Grad-CAM layer, model.json) of a model folder; one sentence if model.pt and
+    model.json disagree or the weights do not fit the backbone. Nothing from the folder runs (weights_only)."""
+    info = data.read_model_json(folder)
+    if info["kind"] != "classifier":
+        raise data.DataError(f"{folder} holds a {info['kind']} model, not a classifier")
+    checkpoint = Checkpoint.load(Path(folder) / info["files"]["model"])
+    saved = (info["model"].get("backbone"), info["model"].get("image_size"))
+    if saved != (checkpoint.backbone, checkpoint.image_size) or checkpoint.backbone not in backbones.BACKBONES:
+        raise data.DataError(f"{folder}: model.json says {saved[0]} at {saved[1]} px but model.pt holds "
+                             f"{checkpoint.backbone} at {checkpoint.image_size} px (a folder assembled from two runs)")
+    try:
+        model, cam_layer = checkpoint.build(device)
+    except (RuntimeError, KeyError) as e:
+        raise data.DataError(f"{folder}: the weights in model.pt do not fit {checkpoint.backbone}: "
+                             f"{str(e).splitlines()[0]}") from None
+    return model, cam_layer, info
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> None:
     """Reject impossible settings with one sentence."""
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
@@ -470,8 +515,12 @@ def run(args: argparse.Namespace) -> dict:
     print(backbones.describe_device(device_info))
     backbones.set_precision(args.precision)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: cuDNN times its kernels, keeps the fastest
-    train_good, test = data.load_category(args.data_root, args.category)
-    split = load_split(args, test)
+    # --synthetic cutpaste without --split may train from train/good alone (issue 33): PatchCore's split of the
+    # open-set protocol then holds a seeded 10 % of train/good out for the threshold and scores any test images
+    train_good, test = data.load_category(args.data_root, args.category,
+                                          defects_optional=args.synthetic != "none" and not args.split)
+    split = load_split(args, test) if args.split or any(s.label for s in test) else \
+        splits.open_set_patchcore_split(train_good, test, args.category, args.seed)
     train_defects, heldout_good, eval_samples = splits.apply_split(test, split, train_good)
     train_good = splits.without_heldout(train_good, heldout_good)  # open-set protocol: its normals not in train/good
     if not train_defects and args.synthetic == "none":
@@ -507,31 +556,39 @@ def run(args: argparse.Namespace) -> dict:
                               precision=args.precision, workers=args.workers)
         normal_scores = 1 / (1 + np.exp(-d_val))  # (N_val_normal,) defect probabilities
         threshold = normal_threshold(normal_scores)
+        calib = calibrate(model, cam_layer, val_normals, normal_scores, threshold, args, device)
 
         # Score: defect probability and Grad-CAM map of every evaluation image, metrics shared with patchcore.py
         warm_up(model, cam_layer, args.batch_size, args.image_size, device, args.precision)
         t0 = time.perf_counter()
         d, maps, masks = predict(model, eval_samples, args.backbone, args.image_size, device, args.batch_size,
                                  cam_layer, args.precision, args.workers)
-        ms_per_image = 1000 * (time.perf_counter() - t0) / len(eval_samples)  # reading + forward + Grad-CAM (synced)
+        ms_per_image = 1000 * (time.perf_counter() - t0) / max(1, len(eval_samples))  # reading + forward + Grad-CAM
         scores = 1 / (1 + np.exp(-d))  # (N,) defect probability
         labels = np.array([s.label for s in eval_samples])
-        metrics = compute_metrics(labels, scores, masks, maps, np.array([s.has_mask for s in eval_samples]))
+        labelled = len(set(labels.tolist())) == 2  # not so for a category of normal images only (issue 33)
+        metrics = compute_metrics(labels, scores, masks, maps, np.array([s.has_mask for s in eval_samples])) \
+            if labelled else dict.fromkeys(("image_auroc", "average_precision", "pixel_auroc", "aupro", "f1_max"))
+        point = operating_point(labels, scores, threshold) if labelled else {"recall": None, "fpr": None}
+        if not labelled:
+            print(f"{args.category} has no labelled test images (test/good and test/<defect_type>): no accuracy is "
+                  f"measured; the model folder and its threshold from {len(val_normals)} held-out normals are saved")
         density = None
         if args.synthetic == "cutpaste":  # CutPaste's own score: the Gaussian of the training normals' features
             feature = lambda samples: pooled_features(model, samples, args.backbone, args.image_size, device,
                                                       args.batch_size, args.precision, args.workers)
             mean, prec = fit_density(feature([s for s in fit_samples if s.label == 0]))  # (F,), (F, F)
-            density = {"eval": mahalanobis(feature(eval_samples), mean, prec),  # (N,)
-                       "heldout": mahalanobis(feature(val_normals), mean, prec)}  # (N_val_normal,)
+            density = {"eval": mahalanobis(feature(eval_samples), mean, prec) if eval_samples else np.zeros(0),
+                       "heldout": mahalanobis(feature(val_normals), mean, prec)}  # (N,), (N_val_normal,)
             density_threshold = normal_threshold(density["heldout"])
-            metrics["density"] = {**compute_metrics(labels, density["eval"]), "threshold": density_threshold,
-                                  **{f"{k}_at_threshold": v for k, v in operating_point(
-                                      labels, density["eval"], density_threshold).items() if k != "threshold"},
+            metrics["density"] = {"threshold": density_threshold,
                                   "n_fit_normals": sum(1 for s in fit_samples if s.label == 0)}
-            print(f"CutPaste density (Mahalanobis distance of the pooled features): image AUROC "
-                  f"{metrics['density']['image_auroc']:.4f}, output score {metrics['image_auroc']:.4f}")
-        point = operating_point(labels, scores, threshold)
+            if labelled:
+                metrics["density"].update(compute_metrics(labels, density["eval"]), **{
+                    f"{k}_at_threshold": v for k, v in operating_point(labels, density["eval"],
+                                                                       density_threshold).items() if k != "threshold"})
+                print(f"CutPaste density (Mahalanobis distance of the pooled features): image AUROC "
+                      f"{metrics['density']['image_auroc']:.4f}, output score {metrics['image_auroc']:.4f}")
         metrics.update(threshold=threshold, recall_at_threshold=point["recall"], fpr_at_threshold=point["fpr"],
                        best_epoch=best["epoch"], val_auroc=best["val_auroc"], train_seconds=train_seconds,
                        ms_per_image=ms_per_image, n_train_images=len(fit_samples), n_train_defects=n_fit_defects,
@@ -558,6 +615,7 @@ def run(args: argparse.Namespace) -> dict:
                    {k: v.cpu() for k, v in best_state.items()},
                    *((torch.from_numpy(mean).float(), torch.from_numpy(prec).float(), density_threshold)
                      if density is not None else ())).save(tmp / "model.pt")
+        save_model(tmp, args, calib)
         for rank, i in enumerate(np.argsort(-scores, kind="stable")[:args.save_maps]):
             (tmp / "maps").mkdir(exist_ok=True)
             s = eval_samples[i]

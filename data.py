@@ -33,6 +33,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Decoded images kept in memory by resized_image (classify.py reads every image once per epoch): at 512 px an RGB
 # image is 0.79 MB, so 400 images take 315 MB and the cache at most 400 MB, per process (each loader worker has one).
 IMAGE_CACHE = 512
+MODEL_FORMAT = 1  # model.json's layout (issue 33); a reader refuses any other: a changed layout is a new number
+MODEL_KINDS = ("patchcore", "classifier")
 
 
 class DataError(ValueError):
@@ -86,9 +88,14 @@ def find_mask(gt_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def load_category(root: str | Path, category: str, check: bool = True) -> tuple[list[Sample], list[Sample]]:
+def load_category(root: str | Path, category: str, check: bool = True,
+                  defects_optional: bool = False) -> tuple[list[Sample], list[Sample]]:
     """(train samples, test samples) of one category, sorted by defect type then file name; with `check`, every
-    file is checked first (check_files), so that a bad one fails before any fitting or training."""
+    file is checked first (check_files), so that a bad one fails before any fitting or training.
+
+    defects_optional: a category of normal images only (a new product line: train/good, perhaps test/good) is
+    allowed, for the callers that fit from normal images alone (issue 33); test is then [] without a test folder.
+    The study's callers keep it False: an evaluation needs labelled defects."""
     folder = category_dir(root, category)
     good_dir = folder / "train" / "good"
     train_files = list_images(good_dir) if good_dir.is_dir() else []
@@ -97,10 +104,12 @@ def load_category(root: str | Path, category: str, check: bool = True) -> tuple[
     train = [Sample(str(p), str(p.relative_to(folder)), 0, "good", None) for p in train_files]
 
     test_dir = folder / "test"
-    if not test_dir.is_dir():
+    if not test_dir.is_dir() and defects_optional:
+        test_dir = None
+    elif not test_dir.is_dir():
         raise DataError(f"no test folder {test_dir} (expected test/good and test/<defect_type> folders)")
     test, missing_masks = [], []
-    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()) if test_dir else []:
         files = list_images(type_dir)
         if not files:
             raise DataError(f"test folder {type_dir} has no images")
@@ -110,7 +119,7 @@ def load_category(root: str | Path, category: str, check: bool = True) -> tuple[
             if label == 1 and mask is None:
                 missing_masks.append(p)
             test.append(Sample(str(p), str(p.relative_to(folder)), label, type_dir.name, mask and str(mask)))
-    if not any(s.label == 1 for s in test):
+    if not any(s.label == 1 for s in test) and not defects_optional:
         raise DataError(f"category {folder} has no defect images (expected test/<defect_type> folders besides good)")
     if missing_masks:  # allowed (users' own data): pixel metrics skip these images
         warnings.warn(f"{len(missing_masks)} defect images have no mask in {folder / 'ground_truth'} "
@@ -391,6 +400,68 @@ def print_table(metrics: dict, keys: Sequence[str], out_dir: str | Path) -> None
         value = metrics.get(key)
         print(f"{key:<22}{'n/a' if value is None else f'{value:.4g}':>12}")
     print(f"results in {out_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model folder (issue 33): what a run fitted plus model.json, everything predict.py needs to score new images
+# ----------------------------------------------------------------------------------------------------------------
+def package_versions() -> dict:
+    """Versions of the packages whose numbers the scores depend on, for model.json."""
+    import torchvision
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "numpy": np.__version__, "pillow": Image.__version__}
+    with contextlib.suppress(ImportError):
+        import faiss
+        versions["faiss"] = faiss.__version__
+    return versions
+
+
+def calibration(rels: Sequence[str], scores: np.ndarray, maps: np.ndarray, image_threshold: float,
+                pixel_threshold: float, images: str) -> dict:
+    """model.json's calibration from held-out normal images (N,), their maps (N, S, S) and the two thresholds.
+
+    The maps' colour scale is fixed once here, never per image or per set (per-image scaling paints every clean
+    part as defective; issue 33): from the normals' median pixel (the colour of a clean part) to as far above the
+    pixel threshold, which sits at the middle of the scale. The held-out normals' scores, by path, are what the
+    fused detector's z-score is computed against (its mean and spread) and what sets its threshold."""
+    vmin = float(np.median(maps))
+    return {"images": images, "image_threshold": float(image_threshold),
+            "normal_scores": {r: float(x) for r, x in zip(rels, scores)},
+            "pixel_threshold": float(pixel_threshold),
+            "colour_scale": [vmin, max(2 * float(pixel_threshold) - vmin, vmin + 1e-6)]}
+
+
+def write_model_json(folder: str | Path, kind: str, files: dict, model: dict, calib: dict | None,
+                     category: str) -> None:
+    """folder/model.json: which files hold the fitted model, how to rebuild its input pipeline, its calibration,
+    and the code and package versions that wrote it. Read back by read_model_json."""
+    write_json(Path(folder) / "model.json", {
+        "format": MODEL_FORMAT, "kind": kind, "category": category, "files": files, "model": model,
+        "calibration": calib, "code": code_version(), "versions": package_versions()})
+
+
+def read_model_json(folder: str | Path) -> dict:
+    """The model.json of a model folder, checked for the fields every reader needs; one sentence if it is not one.
+    JSON only: reading a model folder runs nothing from it."""
+    path = Path(folder) / "model.json"
+    if not Path(folder).is_dir():
+        raise DataError(f"model folder {folder} does not exist (expected a run folder of patchcore.py or classify.py)")
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"no model.json in {folder} (expected a run folder written by patchcore.py or "
+                        f"classify.py since issue 33)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if not isinstance(info, dict) or info.get("format") != MODEL_FORMAT or info.get("kind") not in MODEL_KINDS:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise DataError(f"{path} is not a model folder this code reads (format {found!r}, kind "
+                        f"{info.get('kind') if isinstance(info, dict) else None!r}; expected format {MODEL_FORMAT} "
+                        f"and kind {' or '.join(MODEL_KINDS)}): refit it with this version")
+    for key in ("files", "model", "calibration", "category"):
+        if key not in info:
+            raise DataError(f"{path} has no '{key}' entry (refit it with this version)")
+    return info
 
 
 def save_overlay(path: str | Path, image: Image.Image, amap: np.ndarray, mask: np.ndarray, title: str = "") -> None:

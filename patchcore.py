@@ -6,6 +6,7 @@ image by the distance of each of its patches to the nearest patch in the bank (F
     python synthetic.py --out /tmp/s --size 128
     python patchcore.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128
     python patchcore.py --data-root ~/mvtec --category bottle        # the paper's WideResNet-50, 512 px
+    python patchcore.py --data-root ~/parts --category new_part      # only train/good: fit + model.json (predict.py)
 """
 from __future__ import annotations
 
@@ -663,6 +664,26 @@ def reweight(nn: NearestNeighbours, query: np.ndarray, dist: float, idx: int, k:
     return float((1 - weights[0] / weights[1:].sum()) * dist)
 
 
+def score_batch(bank: MemoryBank, extractor: backbones.FeatureExtractor, images: torch.Tensor,
+                laps: Laps | None = None) -> tuple[list[float], list[np.ndarray]]:
+    """Image scores [B] and blurred anomaly maps [(S, S)] of one batch of images (B, 3, S, S) on the device."""
+    s, laps = bank.settings, laps or Laps()
+    f, grid = embed(extractor, images, s)  # (B, H*W, D)
+    f = f.cpu().numpy()
+    laps.lap("features")
+    dist, idx = bank.nn.search(f.reshape(-1, s.target_dim), 1)  # (B*H*W, 1)
+    dist, idx = dist.reshape(len(f), -1), idx.reshape(len(f), -1)  # (B, H*W)
+    worst = dist.argmax(1)  # the image score is the largest patch score (s* of Eq. 6)
+    scores = [reweight(bank.nn, f[b, j], dist[b, j], idx[b, j], s.reweight_k) if s.reweight else float(dist[b, j])
+              for b, j in enumerate(worst)]
+    laps.lap("search")
+    patch_map = torch.from_numpy(dist).view(-1, 1, *grid)  # (B, 1, H, W)
+    up = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, S, S)
+    maps = [gaussian_filter(m, sigma=SIGMA) for m in up[:, 0].numpy()]
+    laps.lap("maps")
+    return scores, maps
+
+
 def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device, batch_size: int,
           desc: str = "scoring", workers: int = 0, laps: Laps | None = None
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -677,23 +698,53 @@ def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device
     laps = laps or Laps()
     for batch in tqdm(prefetched(loader), desc=desc, total=len(loader), disable=None, leave=False):
         laps.lap("read")
-        images = batch["image"].to(device, non_blocking=True)
-        f, grid = embed(extractor, images, s)  # (B, H*W, D)
-        f = f.cpu().numpy()
-        laps.lap("features")
-        dist, idx = bank.nn.search(f.reshape(-1, s.target_dim), 1)  # (B*H*W, 1)
-        dist, idx = dist.reshape(len(f), -1), idx.reshape(len(f), -1)  # (B, H*W)
-        worst = dist.argmax(1)  # the image score is the largest patch score (s* of Eq. 6)
-        for b, j in enumerate(worst):
-            scores.append(reweight(bank.nn, f[b, j], dist[b, j], idx[b, j], s.reweight_k) if s.reweight
-                          else float(dist[b, j]))
-        laps.lap("search")
-        patch_map = torch.from_numpy(dist).view(-1, 1, *grid)  # (B, 1, H, W)
-        up = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, S, S)
-        maps += [gaussian_filter(m, sigma=SIGMA) for m in up[:, 0].numpy()]
+        batch_scores, batch_maps = score_batch(bank, extractor, batch["image"].to(device, non_blocking=True), laps)
+        scores += batch_scores
+        maps += batch_maps
         masks.append(batch["mask"][:, 0].numpy() > 0)  # (B, 1, S, S) -> (B, S, S)
-        laps.lap("maps")
     return np.array(scores, dtype=np.float64), np.stack(maps).astype(np.float32), np.concatenate(masks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model folder (issue 33): memory_bank/ + model.json, all predict.py needs to score new images like the run
+# ----------------------------------------------------------------------------------------------------------------
+BANK_WEIGHTS = "backbone_weights.pt"  # a --weights file travels with the model folder, under this name
+
+
+def save_model(folder: Path, bank: MemoryBank, calib: dict | None, category: str) -> None:
+    """model.json beside the memory_bank/ folder that bank.save wrote in folder; a --weights file is copied in."""
+    s = bank.settings
+    if s.weights not in ("imagenet", "none"):
+        import shutil
+        shutil.copyfile(s.weights, folder / BANK_WEIGHTS)
+    mean, std = backbones.normalization(s.backbone)
+    model = {**asdict(s), "weights": s.weights if s.weights in ("imagenet", "none") else BANK_WEIGHTS,
+             "normalization": {"mean": list(mean), "std": list(std)}, "memory_bank_size": len(bank.nn),
+             "map_blur_sigma": SIGMA}
+    data.write_model_json(folder, "patchcore", {"memory_bank": "memory_bank"}, model, calib, category)
+
+
+def load_model(folder: str | Path, device: torch.device) -> tuple[MemoryBank, dict]:
+    """(the memory bank, model.json) of a model folder, checked against each other; one sentence if they disagree.
+    Nothing from the folder runs: JSON and FAISS's read_index."""
+    info = data.read_model_json(folder)
+    if info["kind"] != "patchcore":
+        raise data.DataError(f"{folder} holds a {info['kind']} model, not a PatchCore memory bank")
+    bank = MemoryBank.load(Path(folder) / info["files"].get("memory_bank", "memory_bank"), device)
+    saved = {k: v for k, v in info["model"].items() if k in Settings.__dataclass_fields__}
+    mine = asdict(bank.settings)
+    differ = [k for k in mine if k != "weights" and k in saved and
+              (tuple(saved[k]) if isinstance(saved[k], list) else saved[k]) != mine[k]]
+    if differ or set(saved) != set(mine) or bank.settings.backbone not in backbones.BACKBONES:
+        raise data.DataError(f"{folder}: model.json and its memory bank disagree on "
+                             f"{', '.join(differ or sorted(set(saved) ^ set(mine)) or ['backbone'])} "
+                             f"(a folder assembled from two runs or another version); refit it")
+    if bank.nn.cpu.d != bank.settings.target_dim:
+        raise data.DataError(f"{folder}: the memory bank holds {bank.nn.cpu.d}-dim patches but its settings say "
+                             f"{bank.settings.target_dim}")
+    if info["model"]["weights"] == BANK_WEIGHTS:
+        bank = replace(bank, settings=replace(bank.settings, weights=str(Path(folder) / BANK_WEIGHTS)))
+    return bank, info
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -752,7 +803,9 @@ def run(args: argparse.Namespace) -> dict:
     device = backbones.pick_device(args.device)
     print(backbones.describe_device(backbones.device_info(device)))
     backbones.set_precision(args.precision)
-    train, test = data.load_category(args.data_root, args.category)
+    # No --split: the category may hold normal images only (a new product; issue 33), and a seeded 10 % of
+    # train/good, kept out of the bank, sets the deployable threshold and the maps' colour scale (as the study does)
+    train, test = data.load_category(args.data_root, args.category, defects_optional=not args.split)
     heldout_good = []
     if args.split:  # the shared evaluation set of evaluate.py's protocol (PatchCore never uses the defects)
         split = splits.read_split(args.split)
@@ -760,6 +813,9 @@ def run(args: argparse.Namespace) -> dict:
             raise data.DataError(f"split file {args.split} is for category '{split['category']}', not '{args.category}'")
         _, heldout_good, test = splits.apply_split(test, split, train)
         train = splits.without_heldout(train, heldout_good)  # open-set protocol: its normals held out of train/good
+    elif not args.load:
+        heldout_good = splits.heldout_train_good(train, args.seed)
+        train = splits.without_heldout(train, heldout_good)
     out_dir = Path(args.out_dir or f"runs/patchcore/{args.category}")
 
     with data.atomic_dir(out_dir) as tmp:
@@ -767,6 +823,8 @@ def run(args: argparse.Namespace) -> dict:
         t0, fit_laps = time.perf_counter(), Laps()
         if args.load:  # its feature pipeline is fixed (check_flags); --search, --nprobe, --reweight(-k) may act
             bank = load_bank(args, device)
+            if not args.split:  # the images a bank fitted without --split held out, by its own seed
+                heldout_good = splits.heldout_train_good(train, bank.settings.seed)
             print(f"loaded memory bank of {len(bank.nn)} patches from {args.load} ({bank.settings.backbone}, "
                   f"{bank.settings.image_size} px)")
         else:
@@ -783,16 +841,29 @@ def run(args: argparse.Namespace) -> dict:
 
         # Score: every test (or evaluation) image, then the metrics shared with classify.py
         t0, laps = time.perf_counter(), Laps()
-        scores, maps, masks = score(bank, test, device, args.batch_size, workers=args.workers, laps=laps)
-        ms_per_image = 1000 * (time.perf_counter() - t0) / len(test)
+        scores, maps, masks = score(bank, test, device, args.batch_size, workers=args.workers, laps=laps) if test \
+            else (np.zeros(0), None, None)
+        ms_per_image = 1000 * (time.perf_counter() - t0) / max(1, len(test))
         s = bank.settings
         labels = np.array([x.label for x in test])
-        metrics = compute_metrics(labels, scores, masks, maps, np.array([x.has_mask for x in test]))
-        # A deployable threshold needs normal images that are neither in the bank nor evaluated: the split's pool.
-        threshold = None
+        labelled = len(set(labels.tolist())) == 2
+        metrics = compute_metrics(labels, scores, masks, maps, np.array([x.has_mask for x in test])) if labelled \
+            else {key: None for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}
+        if not labelled:
+            print(f"{args.category} has no labelled test images (test/good and test/<defect_type>): no accuracy is "
+                  f"measured; the model folder and its threshold from {len(heldout_good)} held-out normals are saved")
+        # A deployable threshold needs normal images that are neither in the bank nor evaluated: the split's pool,
+        # or without a split the seeded 10 % of train/good held out of the bank
+        threshold, calib = None, None
         if heldout_good:
-            heldout_scores = score(bank, heldout_good, device, args.batch_size, "held-out good", args.workers)[0]
+            heldout_scores, heldout_maps, _ = score(bank, heldout_good, device, args.batch_size, "held-out good",
+                                                    args.workers)
             threshold = normal_threshold(heldout_scores)
+            calib = data.calibration([x.rel for x in heldout_good], heldout_scores, heldout_maps, threshold,
+                                     normal_threshold(heldout_maps.reshape(len(heldout_maps), -1).max(1)),
+                                     "the split's held-out good images" if args.split else
+                                     f"a seeded {splits.HELDOUT_TRAIN_FRACTION:.0%} of train/good held out of the bank")
+        if heldout_good and labelled:
             op = operating_point(labels, scores, threshold)
             metrics.update(recall_at_threshold=op["recall"], fpr_at_threshold=op["fpr"])
         metrics.update(threshold=threshold, fit_seconds=fit_seconds, ms_per_image=ms_per_image,
@@ -811,12 +882,14 @@ def run(args: argparse.Namespace) -> dict:
         metrics["ms_per_image_by_phase"] = {k: 1000 * v / len(test) for k, v in laps.seconds.items()}
         metrics["fit_seconds_by_phase"] = fit_laps.seconds or None  # features, coreset, index (None: --load)
 
-        # Write: scores.csv (and the held-out normals' heldout_scores.csv), metrics.json, the memory bank, overlays
+        # Write: scores.csv (and the held-out normals' heldout_scores.csv), metrics.json, the model folder (memory
+        # bank + model.json), overlays
         data.write_scores(tmp / "scores.csv", test, scores)
         if heldout_good:  # evaluate.py calibrates the fused detector on them
             data.write_scores(tmp / "heldout_scores.csv", heldout_good, heldout_scores)
         data.write_json(tmp / "metrics.json", metrics)
         bank.save(tmp / "memory_bank")
+        save_model(tmp, bank, calib, args.category)
         for rank, i in enumerate(np.argsort(-scores)[:args.save_maps]):
             (tmp / "maps").mkdir(exist_ok=True)
             data.save_overlay(tmp / "maps" / f"{rank:02d}_{test[i].defect_type}_{Path(test[i].path).stem}.png",

@@ -68,7 +68,7 @@ def test_separates_seen_defect_types_and_writes_every_file(synth_root_128, tmp_p
     assert sum(line.startswith("epoch ") for line in printed.splitlines()) == 8  # one line per epoch
     assert f"{'image_auroc':<22}{metrics['image_auroc']:>12.4g}" in printed  # the table shows the file's numbers
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "heldout_scores.csv", "images.json", "maps",
-                                                     "metrics.json", "model.pt", "scores.csv"]
+                                                     "metrics.json", "model.json", "model.pt", "scores.csv"]
     normals = data.read_scores(out / "heldout_scores.csv")  # the validation normals the threshold comes from
     assert (normals[1] == 0).all() and len(normals[0]) == on_disk_count(out) and normals[3].min() >= 0
     assert metrics["threshold"] == pytest.approx(normals[3].max(), rel=1e-8)  # <= 100 normals: just above their max

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("data", "splits", "synthetic", "backbones", "metrics", "cutpaste", "report", "patchcore", "classify",
-           "evaluate", "select_models")
+           "evaluate", "select_models", "predict")
 ALLOWED = {  # what each script may import from the project
     "data": set(),
     "splits": {"data"},
@@ -20,6 +20,7 @@ ALLOWED = {  # what each script may import from the project
     "report": {"data", "metrics", "splits"},
     "patchcore": {"data", "backbones", "metrics", "splits"},
     "classify": {"data", "backbones", "metrics", "cutpaste", "splits"},
+    "predict": {"data", "backbones", "metrics", "patchcore", "classify"},
     "evaluate": {"data", "splits", "synthetic", "backbones", "metrics", "cutpaste", "report", "patchcore", "classify"},
 }
 

@@ -425,12 +425,12 @@ def test_main_writes_results_and_load_reuses_the_bank(synth_root, tmp_path):
 
 def test_main_ivf_records_the_search_and_scores_as_exact_search_does(synth_root, tmp_path):
     base = ["--data-root", str(synth_root), "--category", "washer", "--backbone", "efficientnet_lite0",
-            "--image-size", "64", "--coreset-ratio", "0.5"]  # 16 images x 64 patches / 2: 512 patches, 13 lists
+            "--image-size", "64", "--coreset-ratio", "0.5"]  # 14 images (2 held out) x 64 patches / 2: 448, 11 lists
     exact = patchcore.main(base + ["--out-dir", str(tmp_path / "exact")])
     ivf = patchcore.main(base + ["--search", "ivf", "--out-dir", str(tmp_path / "ivf")])
     saved = json.loads((tmp_path / "ivf" / "metrics.json").read_text())
-    # The default nprobe (32) is more than this bank's 13 lists: every list is searched, and settings say so
-    assert (saved["settings"]["search"], saved["settings"]["nprobe"], saved["ivf_lists"]) == ("ivf", 13, 13)
+    # The default nprobe (32) is more than this bank's 11 lists: every list is searched, and settings say so
+    assert (saved["settings"]["search"], saved["settings"]["nprobe"], saved["ivf_lists"]) == ("ivf", 11, 11)
     assert (exact["settings"]["search"], exact["settings"]["nprobe"], exact["ivf_lists"]) == ("exact", None, None)
     scores = {}
     for name in ("exact", "ivf"):
@@ -443,14 +443,14 @@ def test_main_ivf_records_the_search_and_scores_as_exact_search_does(synth_root,
     assert ivf["image_auroc"] == exact["image_auroc"]
     # --load keeps the saved IVF index; --nprobe may change its nprobe (no retraining)
     again = patchcore.main(base[:4] + ["--load", str(tmp_path / "ivf"), "--nprobe", "4", "--out-dir", str(tmp_path / "a")])
-    assert (again["settings"]["search"], again["settings"]["nprobe"], again["ivf_lists"]) == ("ivf", 4, 13)
+    assert (again["settings"]["search"], again["settings"]["nprobe"], again["ivf_lists"]) == ("ivf", 4, 11)
     # Bad input: one sentence, no out dir (nprobe's upper bound and the bank's size are known after fitting only)
     bad = ["--search", "ivf", "--out-dir", str(tmp_path / "bad")]
     with pytest.raises(SystemExit, match="--nprobe must be at least 1, got 0$"):
         patchcore.main(base + bad + ["--nprobe", "0"])
-    with pytest.raises(SystemExit, match="--nprobe must be between 1 and the 13 IVF lists of this 512-patch memory"):
-        patchcore.main(base + bad + ["--nprobe", "14"])
-    with pytest.raises(SystemExit, match="needs a memory bank of at least 78 patches .* has 51; use --search exact"):
+    with pytest.raises(SystemExit, match="--nprobe must be between 1 and the 11 IVF lists of this 448-patch memory"):
+        patchcore.main(base + bad + ["--nprobe", "12"])
+    with pytest.raises(SystemExit, match="needs a memory bank of at least 78 patches .* has 44; use --search exact"):
         patchcore.main(base[:-1] + ["0.05"] + bad)
     assert not (tmp_path / "bad").exists() and list(tmp_path.glob(".bad*")) == []
 
@@ -484,7 +484,7 @@ def read_score_column(run_dir):
 
 def test_load_with_search_rebuilds_the_index_so_exact_and_ivf_compare_on_one_bank(synth_root, tmp_path):
     base = ["--data-root", str(synth_root), "--category", "washer"]
-    fit = base + ["--backbone", "efficientnet_lite0", "--image-size", "64", "--coreset-ratio", "0.5"]  # 512 patches
+    fit = base + ["--backbone", "efficientnet_lite0", "--image-size", "64", "--coreset-ratio", "0.5"]  # 448 patches
     exact = patchcore.main(fit + ["--out-dir", str(tmp_path / "exact")])
     patchcore.main(fit + ["--search", "ivf", "--out-dir", str(tmp_path / "ivf")])
     banks = {name: patchcore.MemoryBank.load(tmp_path / name, CPU).nn for name in ("exact", "ivf")}
@@ -494,12 +494,12 @@ def test_load_with_search_rebuilds_the_index_so_exact_and_ivf_compare_on_one_ban
     as_ivf = patchcore.main(base + ["--load", str(tmp_path / "exact"), "--search", "ivf",
                                     "--out-dir", str(tmp_path / "as-ivf")])
     saved = json.loads((tmp_path / "as-ivf" / "metrics.json").read_text())
-    assert (saved["settings"]["search"], saved["settings"]["nprobe"], saved["ivf_lists"]) == ("ivf", 13, 13)
-    assert (saved["args"]["search"], saved["args"]["nprobe"]) == ("ivf", 13)  # what ran, not the parser's None
+    assert (saved["settings"]["search"], saved["settings"]["nprobe"], saved["ivf_lists"]) == ("ivf", 11, 11)
+    assert (saved["args"]["search"], saved["args"]["nprobe"]) == ("ivf", 11)  # what ran, not the parser's None
     ran = patchcore.MemoryBank.load(tmp_path / "as-ivf", CPU).nn  # the index that ran, saved with the run
-    centroids = lambda nn: nn.cpu.quantizer.reconstruct_n(0, nn.n_lists)  # (13, 1024)
+    centroids = lambda nn: nn.cpu.quantizer.reconstruct_n(0, nn.n_lists)  # (11, 1024)
     assert ran.kind == "ivf" and np.array_equal(centroids(ran), centroids(banks["ivf"]))
-    # All 13 lists probed: exact search's scores up to float32 rounding (see test_main_ivf_records_...)
+    # All 11 lists probed: exact search's scores up to float32 rounding (see test_main_ivf_records_...)
     np.testing.assert_allclose(read_score_column(tmp_path / "as-ivf"), read_score_column(tmp_path / "ivf"), rtol=1e-6)
     np.testing.assert_allclose(read_score_column(tmp_path / "as-ivf"), read_score_column(tmp_path / "exact"), rtol=1e-4)
     assert as_ivf["image_auroc"] == pytest.approx(exact["image_auroc"], abs=1e-9)
