@@ -563,7 +563,7 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         d, maps, masks = predict(model, eval_samples, args.backbone, args.image_size, device, args.batch_size,
                                  cam_layer, args.precision, args.workers)
-        ms_per_image = 1000 * (time.perf_counter() - t0) / max(1, len(eval_samples))  # reading + forward + Grad-CAM
+        ms_per_image = 1000 * (time.perf_counter() - t0) / len(eval_samples) if eval_samples else None  # read+net+CAM
         scores = 1 / (1 + np.exp(-d))  # (N,) defect probability
         labels = np.array([s.label for s in eval_samples])
         labelled = len(set(labels.tolist())) == 2  # not so for a category of normal images only (issue 33)

@@ -843,7 +843,7 @@ def run(args: argparse.Namespace) -> dict:
         t0, laps = time.perf_counter(), Laps()
         scores, maps, masks = score(bank, test, device, args.batch_size, workers=args.workers, laps=laps) if test \
             else (np.zeros(0), None, None)
-        ms_per_image = 1000 * (time.perf_counter() - t0) / max(1, len(test))
+        ms_per_image = 1000 * (time.perf_counter() - t0) / len(test) if test else None  # None: nothing scored
         s = bank.settings
         labels = np.array([x.label for x in test])
         labelled = len(set(labels.tolist())) == 2
