@@ -274,6 +274,19 @@ def select_epoch(history: list[dict]) -> int:
     return max(range(len(history)), key=lambda i: (history[i]["val_auroc"], -history[i]["val_loss"], i))
 
 
+def validate(model: nn.Module, val_items: Sequence[data.Sample], args: argparse.Namespace, device: torch.device,
+             augment=None) -> tuple[float, float | None]:
+    """(validation loss, validation AUROC) of the model on the validation images (real, and with --synthetic their
+    fixed synthetic defects through `augment`): the loss balanced over the two classes, the AUROC None without a
+    validation defect. CE of a 2-class softmax is softplus(-d) for a defect and softplus(d) for a normal image."""
+    labels = np.array([s.label for s in val_items])  # (N_val,)
+    d, _, _ = predict(model, val_items, args.backbone, args.image_size, device, args.batch_size,
+                      precision=args.precision, workers=args.workers, augment=augment)  # (N_val,) log-odds
+    ce = np.logaddexp(0, np.where(labels == 1, -d, d))  # (N_val,)
+    loss = float(np.mean([ce[labels == c].mean() for c in (0, 1) if (labels == c).any()]))
+    return loss, image_auroc(labels, d) if labels.any() else None
+
+
 def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Sequence[data.Sample],
         args: argparse.Namespace, device: torch.device) -> tuple[dict, list[dict]]:
     """Fine-tune (or linear-probe) the model; returns the state dict of the best epoch and the per-epoch history.
@@ -304,7 +317,6 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     # float16 needs loss scaling against underflow; bfloat16 and float32 do not (the scaler is then a no-op).
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device, args.precision) == torch.float16)
-    val_labels = np.array([s.label for s in val_items])
     history, best_state, best = [], None, -1
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
@@ -312,13 +324,7 @@ def fit(model: nn.Module, fit_samples: Sequence[data.Sample], val_samples: Seque
         loss, read = train_epoch(model, loader, optimizer, scheduler, scaler, weights, device,
                                  f"epoch {epoch}/{args.epochs}", args.freeze_trunk, args.precision)
         t1 = time.perf_counter()
-        d, _, _ = predict(model, val_items, args.backbone, args.image_size, device, args.batch_size,
-                          precision=args.precision, workers=args.workers, augment=val_augment)
-        # Validation loss, balanced over the two classes: CE of a 2-class softmax is softplus(-d) for a defect and
-        # softplus(d) for a normal image, d the log-odds.
-        ce = np.logaddexp(0, np.where(val_labels == 1, -d, d))  # (N_val,)
-        val_loss = float(np.mean([ce[val_labels == c].mean() for c in (0, 1) if (val_labels == c).any()]))
-        val_auroc = image_auroc(val_labels, d) if val_labels.any() else None
+        val_loss, val_auroc = validate(model, val_items, args, device, val_augment)
         t2 = time.perf_counter()
         history.append({"epoch": epoch, "loss": loss, "val_loss": val_loss, "val_auroc": val_auroc,
                         "lr": optimizer.param_groups[0]["lr"], "seconds": t2 - t0,
@@ -413,12 +419,17 @@ def warm_up(model: nn.Module, cam_layer: nn.Module, batch_size: int, image_size:
         torch.cuda.synchronize(device)
 
 
+def probability(log_odds: np.ndarray) -> np.ndarray:
+    """p(defect) of log-odds d: the float64 sigmoid 1 / (1 + e^-d) (probabilities tie at 1.0 only above d ~ 37)."""
+    return 1 / (1 + np.exp(-np.asarray(log_odds, dtype=np.float64)))
+
+
 def score(model: nn.Module, cam_layer: nn.Module, samples: Sequence[data.Sample], backbone: str, image_size: int,
           device: torch.device, batch_size: int = 8, precision: str = "mixed",
           workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Defect probabilities (N,) and Grad-CAM maps (N, S, S) of samples, for a trained model."""
     d, maps, _ = predict(model, samples, backbone, image_size, device, batch_size, cam_layer, precision, workers)
-    return 1 / (1 + np.exp(-d)), maps  # float64 sigmoid: probabilities tie at 1.0 only for log-odds above ~37
+    return probability(d), maps
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -554,7 +565,7 @@ def run(args: argparse.Namespace) -> dict:
         val_normals = [s for s in val_samples if s.label == 0]
         d_val, _, _ = predict(model, val_normals, args.backbone, args.image_size, device, args.batch_size,
                               precision=args.precision, workers=args.workers)
-        normal_scores = 1 / (1 + np.exp(-d_val))  # (N_val_normal,) defect probabilities
+        normal_scores = probability(d_val)  # (N_val_normal,) defect probabilities
         threshold = normal_threshold(normal_scores)
         calib = calibrate(model, cam_layer, val_normals, normal_scores, threshold, args, device)
 
@@ -564,7 +575,7 @@ def run(args: argparse.Namespace) -> dict:
         d, maps, masks = predict(model, eval_samples, args.backbone, args.image_size, device, args.batch_size,
                                  cam_layer, args.precision, args.workers)
         ms_per_image = 1000 * (time.perf_counter() - t0) / len(eval_samples) if eval_samples else None  # read+net+CAM
-        scores = 1 / (1 + np.exp(-d))  # (N,) defect probability
+        scores = probability(d)  # (N,) defect probability
         labels = np.array([s.label for s in eval_samples])
         labelled = len(set(labels.tolist())) == 2  # not so for a category of normal images only (issue 33)
         metrics = compute_metrics(labels, scores, masks, maps, np.array([s.has_mask for s in eval_samples])) \

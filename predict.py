@@ -170,7 +170,7 @@ class Method:
             scores, maps = patchcore.score_batch(self.model, self.extra, images.to(device))
             return np.array(scores, dtype=np.float64), np.stack(maps).astype(np.float32)
         d, cam = classify.grad_cam(self.model, self.extra, images.to(device, memory_format=classify.MEMORY_FORMAT))
-        return 1 / (1 + np.exp(-d.cpu().double().numpy())), cam.cpu().numpy()  # p(defect), as classify.score
+        return classify.probability(d.cpu().double().numpy()), cam.cpu().numpy()  # p(defect), as classify.score
 
 
 def load_methods(folders: Sequence[str], device: torch.device) -> list[Method]:
