@@ -325,13 +325,15 @@ def seeded_difference(reps: list[Replicate], seed: int = 0, n_resamples: int = B
     interval over training draws and evaluation images (see the comment above). Several replicates of one
     (category, seed), e.g. hard's known types, are averaged into that seed's difference first."""
     categories = sorted({r.category for r in reps})
-    point, var_seeds, dof_terms, n_seeds, resampled = 0.0, 0.0, 0.0, {}, 0.0
+    point, var_seeds, dof_terms, n_seeds, resampled, by_seed = 0.0, 0.0, 0.0, {}, 0.0, {}
     for k, c in enumerate(categories):
         mine = [r for r in reps if r.category == c]
         seeds = sorted({r.seed for r in mine})
         n_seeds[c] = len(seeds)
         diffs = np.array([image_auroc(r.labels, r.a) - image_auroc(r.labels, r.b) for r in mine])  # (n_reps,)
         per_seed = np.array([diffs[[r.seed == s for r in mine]].mean() for s in seeds])  # (n_c,)
+        for s, d in zip(seeds, per_seed):
+            by_seed.setdefault(s, []).append(d)  # seed -> its difference in each category that has it
         boot = joint_image_resamples(mine, seed + k, n_resamples)  # (R, n_reps)
         boot = np.stack([boot[:, [r.seed == s for r in mine]].mean(1) for s in seeds], 1).mean(1)  # (R,) seeds' mean
         point += per_seed.mean() / len(categories)
@@ -340,12 +342,8 @@ def seeded_difference(reps: list[Replicate], seed: int = 0, n_resamples: int = B
             term = per_seed.var(ddof=1) / len(seeds) / len(categories) ** 2  # this category's seeds, s^2 / n
             var_seeds += term
             dof_terms += term ** 2 / (len(seeds) - 1)
-    by_seed = {}
-    for r in reps:
-        by_seed.setdefault(r.seed, {}).setdefault(r.category, []).append(image_auroc(r.labels, r.a) -
-                                                                          image_auroc(r.labels, r.b))
-    per_seed_mean = {s: float(np.mean([np.mean(v) for v in cats.values()])) for s, cats in sorted(by_seed.items())
-                     if len(cats) == len(categories)}  # a seed every category has
+    per_seed_mean = {s: float(np.mean(d)) for s, d in sorted(by_seed.items())
+                     if len(d) == len(categories)}  # a seed every category has
     one_draw = min(n_seeds.values()) == 1
     if var_seeds == 0 and one_draw:  # no seed spread measured anywhere: the image bootstrap's percentile interval
         low, high = interval(resampled, confidence)
