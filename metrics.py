@@ -214,7 +214,8 @@ def bootstrap_counts(n_pos: int, n_neg: int, seed: int,
 
 
 def auroc_resamples(labels, scores, counts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Image AUROC of every resample (R,); counts from bootstrap_counts for these labels' class sizes."""
+    """Image AUROC of every resample (R,); counts from bootstrap_counts for these labels' class sizes, or any
+    per-image weights (R, P), (R, Q) of these images (each resample's AUROC is over the pairs its weights draw)."""
     labels, scores = _binary(labels, scores)
     pos, neg = scores[labels == 1], scores[labels == 0]  # (P,), (Q,)
     wins = (pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])  # (P, Q) 1, 1/2 on a tie, 0
@@ -222,7 +223,8 @@ def auroc_resamples(labels, scores, counts: tuple[np.ndarray, np.ndarray]) -> np
     if c_pos.shape[1] != pos.size or c_neg.shape[1] != neg.size:
         raise ValueError(f"counts are for {c_pos.shape[1]} defects and {c_neg.shape[1]} good images, "
                          f"got {pos.size} and {neg.size}.")
-    return np.einsum("rp,pq,rq->r", c_pos, wins, c_neg) / (pos.size * neg.size)  # (R,)
+    pairs = np.maximum(c_pos.sum(1) * c_neg.sum(1), 1)  # (R,) P * Q for bootstrap_counts; never 0 (guarded)
+    return np.einsum("rp,pq,rq->r", c_pos, wins, c_neg) / pairs  # (R,)
 
 
 def interval(resamples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -292,15 +294,11 @@ def joint_image_resamples(reps: list[Replicate], seed: int, n_resamples: int) ->
     counts = np.zeros((n_resamples, len(names)))  # (R, P + Q) per image of the union
     counts[:, label == 1], counts[:, label == 0] = c_pos, c_neg
     where = {n: i for i, n in enumerate(names)}
-    out = np.zeros((n_resamples, len(reps)))
+    out = np.empty((n_resamples, len(reps)))
     for j, r in enumerate(reps):
         w = counts[:, [where[p] for p in r.paths.tolist()]]  # (R, N) this replicate's images' counts
-        w_pos, w_neg = w[:, r.labels == 1], w[:, r.labels == 0]  # (R, P_r), (R, Q_r)
-        norm = np.maximum(w_pos.sum(1) * w_neg.sum(1), 1)  # (R,) pairs drawn (never 0 in practice: guarded)
-        for sign, scores in ((1, r.a), (-1, r.b)):
-            pos, neg = scores[r.labels == 1], scores[r.labels == 0]
-            wins = (pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])  # (P_r, Q_r)
-            out[:, j] += sign * np.einsum("rp,pq,rq->r", w_pos, wins, w_neg) / norm
+        w = (w[:, r.labels == 1], w[:, r.labels == 0])  # (R, P_r), (R, Q_r)
+        out[:, j] = auroc_resamples(r.labels, r.a, w) - auroc_resamples(r.labels, r.b, w)
     return out
 
 
