@@ -1,7 +1,9 @@
 """PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022), step by step.
 
 Fit on normal images only: mid-level patch features of a pretrained CNN -> greedy coreset memory bank. Score a test
-image by the distance of each of its patches to the nearest patch in the bank (FAISS); the image score is the largest.
+image by the distance of each of its patches to the nearest patch in the bank; the image score is the largest.
+The paper's steps come first, in its order (Sec. 3.1 features, 3.2 coreset, 3.3 scoring, then fit and score); what
+makes them fast or durable (the fast twins, the search index, saving, the command line) follows a banner.
 
     python synthetic.py --out /tmp/s --size 128
     python patchcore.py --data-root /tmp/s --category weave --backbone efficientnet_lite0 --image-size 128
@@ -34,34 +36,8 @@ import data
 import splits
 from metrics import compute_metrics, normal_threshold, operating_point
 
-SIGMA = 4  # Gaussian blur of the upsampled anomaly map, in pixels (paper, Sec. 3.3 / official code)
-PROJECTION_DIM = 128  # coreset distances are computed on a random projection to this many dimensions
+PROJECTION_DIM = 128  # Sec. 3.2: coreset distances are computed on a random projection to this many dimensions
 N_STARTS = 10  # the approximate greedy coreset starts from the mean distance to this many random points
-TOP_CANDIDATES = 4096  # fast coreset: points whose distances are kept exact inside a block (greedy_within)
-CHECK_EVERY = 64  # fast coreset: steps between two host reads of the block's stop condition
-PAIR_CHUNK = 1 << 21  # fast coreset: (point, chosen point) distances per matrix product in apply_chosen (CPU)
-PAIR_CHUNK_CUDA = 1 << 26  # the same on a GPU: a 256 MB (r, B) block, ~100 products per update instead of ~3,000
-GPU_MAX_K = 2048  # FAISS's largest k on a GPU (and largest nprobe of a GPU IVF index)
-SEARCHES = ("exact", "ivf")  # every bank row compared, or FAISS IndexIVFFlat: only the nprobe nearest k-means lists
-# Exact search runs as torch matrix products (TorchSearch) at the machine's GEMM rate: FAISS's flat index reaches
-# 20 GFLOP/s on some Intel hosts where the same product runs at 111 (its bundled OpenBLAS picks a generic kernel on a
-# CPU it does not know; issue 35, docs/search.md). "faiss" keeps FAISS's IndexFlatL2 for comparison; on a GPU a FAISS
-# build that sees it searches there, else torch does.
-EXACT_ENGINES = ("torch", "faiss")
-SEARCH_ROWS = 1024  # query patches per block of TorchSearch (one 256 px image; a quarter of a 512 px one)
-SEARCH_BLOCK = 1 << 21  # (query, bank) distances per block on a CPU: 8 MB of float32, bounded, read back from cache
-# (blocks of 4, 8 and 16M distances ran 4 %, 10 % and 15 % slower on an AVX-512 Xeon: bench/bench_search.py)
-SEARCH_BLOCK_CUDA = 1 << 26  # the same on a GPU: 256 MB, products large enough to fill it
-NPROBE = 32  # issue 16: on tire/pill/transistor (256 px) and tire (512 px) nprobe 32 left every image AUROC as exact
-# search's to 4 decimals (nprobe 8 moved it by up to 0.007) at 0.20x (512 px) to 0.40x (256 px) its time per image
-POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroid (min_points_per_centroid)
-# --load: a saved bank fixes its feature pipeline and coreset (these flags may not be given with it, see check_flags);
-# what only the scoring reads may change without refitting (these flags act on it, see load_bank)
-FIXED_BY_BANK = ("backbone", "weights", "layers", "image_size", "center_crop", "patch_size", "pretrain_dim",
-                 "target_dim", "coreset_ratio", "seed")
-SET_AT_LOAD = ("search", "nprobe", "engine", "reweight", "reweight_k")
-TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
-              "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size")  # final table
 
 
 @dataclass(frozen=True)
@@ -84,11 +60,20 @@ class Settings:
     engine: str = "torch"  # what runs an exact search (EXACT_ENGINES); banks saved before issue 35 have none
 
 
+# ================================================================================================================
+# PatchCore as the paper gives it (Sec. 3): features, coreset, scoring; fit and score
+# ================================================================================================================
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Locally aware patch features (Sec. 3.1)
+# Sec. 3.1: locally aware patch features
 # ----------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def extractor_for(backbone: str, weights: str, layers: tuple[str, ...], device: torch.device) -> backbones.FeatureExtractor:
+    """The frozen feature extractor, built once per process and device (channels-last: ~30% faster on a CPU)."""
+    return backbones.feature_extractor(backbone, weights, layers).to(device, memory_format=torch.channels_last)
+
+
 def patchify(feature: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """The p x p neighbourhood of every position: (B, C, h, w) -> (B, h, w, C, p, p), zero-padded at the border."""
+    """The p x p neighbourhood N_p of every position (Sec. 3.1): (B, C, h, w) -> (B, h, w, C, p, p), zero-padded."""
     b, c, h, w = feature.shape
     x = F.unfold(feature, patch_size, padding=(patch_size - 1) // 2)  # (B, C*p*p, h*w)
     x = x.view(b, c, patch_size, patch_size, h, w)  # (B, C, p, p, h, w)
@@ -104,12 +89,15 @@ def resize_patches(patches: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 
 def pool_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Adaptive average pooling along the feature axis: (N, D_in) -> (N, dim). This is the paper's aggregation."""
+    """Sec. 3.1's dimension reduction (and its f_agg): adaptive average pooling along the feature axis,
+    (N, D_in) -> (N, dim)."""
     return F.adaptive_avg_pool1d(x[:, None], dim)[:, 0]  # (N, 1, D_in) -> (N, 1, dim) -> (N, dim)
 
 
 def aggregate(layers: list[torch.Tensor], s: Settings) -> torch.Tensor:
-    """The paper's aggregation, step by step: [(B, C_l, h_l, w_l)] -> (B, H*W, target_dim) on the first layer's grid."""
+    """Sec. 3.1, local neighbourhood aggregation, step by step: every layer's p x p neighbourhoods, brought to the
+    first layer's grid and pooled to pretrain_dim, then stacked and pooled to target_dim:
+    [(B, C_l, h_l, w_l)] -> (B, H*W, target_dim)."""
     b, grid = layers[0].shape[0], tuple(layers[0].shape[-2:])
     per_layer = []
     for feature in layers:
@@ -122,6 +110,204 @@ def aggregate(layers: list[torch.Tensor], s: Settings) -> torch.Tensor:
     return pool_dim(stacked, s.target_dim).view(b, -1, s.target_dim)  # (B, H*W, target_dim)
 
 
+def embed(extractor: backbones.FeatureExtractor, images: torch.Tensor, s: Settings) -> tuple[torch.Tensor, tuple]:
+    """Sec. 3.1, the locally aware patch features of a batch: (B, 3, S, S) -> (B, H*W, target_dim) on the first
+    layer's (H, W) grid (the pretrained network's layers, each patch aggregated over its neighbourhood)."""
+    with torch.no_grad():
+        layers = extractor(images.contiguous(memory_format=torch.channels_last))  # [(B, C_l, h_l, w_l)]
+        # aggregate_by_convolution computes aggregate's result as one convolution per layer, faster where it can;
+        # proven by tests/test_patchcore.py::test_aggregation_as_convolution_equals_the_papers_steps
+        kernels = aggregation_kernels(tuple(f.shape[1] for f in layers), s)
+        features = aggregate(layers, s) if kernels is None else aggregate_by_convolution(layers, kernels, s)
+    return features, tuple(layers[0].shape[-2:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sec. 3.2: the memory bank and its coreset (Algorithm 1)
+# ----------------------------------------------------------------------------------------------------------------
+def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
+    """A seeded Gaussian random projection (Johnson-Lindenstrauss): (dim_in, dim_out)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim_in, dim_out, generator=g) / dim_out ** 0.5
+
+
+def extract_features(train: Sequence[data.Sample], s: Settings, device: torch.device,
+                     batch_size: int, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch features of every training image (N, D) float16 on CPU, and their random projection (N, 128) on device."""
+    extractor = extractor_for(s.backbone, s.weights, s.layers, device)
+    loader = data.make_loader(train, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop,
+                              device=device, workers=workers)
+    projection = random_projection(s.target_dim, PROJECTION_DIM, s.seed).to(device)
+    # Memory: a 400-image category at 512 px gives ~1.6M patches x 1024 dims. Kept as float32 that is 6.7 GB; we
+    # keep float16 on the CPU (3.4 GB; the rounding, ~1e-3 relative, is far below patch-to-patch distances) and
+    # project each batch to 128 dims on the fly for the coreset (0.8 GB), both written into arrays allocated once
+    # (no concatenation copy), so fitting stays well under 12 GB.
+    features = projected = None
+    for batch in tqdm(loader, desc="features", disable=None, leave=False):
+        f, _ = embed(extractor, batch["image"].to(device, non_blocking=True), s)  # (B, H*W, D)
+        start = batch["index"][0].item() * f.shape[1]  # the loader does not shuffle: image i -> rows i*H*W...
+        f = f.flatten(0, 1)  # (B*H*W, D)
+        if features is None:
+            n = len(train) * len(f) // len(batch["index"])  # every image has the same H*W patches
+            features = torch.empty(n, s.target_dim, dtype=torch.float16)  # (N, D) on the CPU
+            projected = torch.empty(n, PROJECTION_DIM, device=device)  # (N, 128)
+        # float16 on the device, then the copy: half the bytes cross to the host (f.to("cpu", torch.float16) would
+        # copy float32 and convert on the CPU)
+        features[start:start + len(f)] = f.half().cpu()
+        projected[start:start + len(f)] = f @ projection  # (B*H*W, D) -> (B*H*W, 128)
+    return features, projected
+
+
+def coreset_start(z: torch.Tensor, ratio: float, seed: int, n_starts: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(number of points to select, starting distance (N,), squared norms (N,)) of the approximate greedy coreset.
+
+    The official code's approximation: every point starts at its mean distance to `n_starts` random points, instead
+    of its distance to a first chosen point, so the N x N distance matrix is never needed.
+    """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(len(z), generator=g)[:n_starts].to(z.device)
+    min_dist = torch.cdist(z, z[starts]).mean(1)  # (N, n_starts) -> (N,)
+    return max(1, int(len(z) * ratio)), min_dist, (z * z).sum(1)
+
+
+def distances_to(z: torch.Tensor, sq_norms: torch.Tensor, q: torch.Tensor, sq_q: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """||z_i - q|| of every row, expanded as sqrt(|z_i|^2 - 2<z_i, q> + |q|^2): (N, d), (d,) -> (N,)."""
+    out = torch.mv(z, q, out=out)  # (N,) <z_i, q>; in place: ~4x faster on CPU than fresh tensors
+    return out.mul_(-2).add_(sq_norms).add_(sq_q).clamp_min_(0).sqrt_()
+
+
+def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_STARTS,
+                   limit: int | None = None) -> torch.Tensor:
+    """Algorithm 1 (as in the official code): indices of ratio*N rows of z (N, d), each the farthest from those
+    chosen so far. One pass over all N points per chosen point; fit runs greedy_coreset_fast, its fast twin.
+    `limit` stops after that many points (benchmarks time a part of a long run).
+    """
+    n_select, min_dist, sq_norms = coreset_start(z, ratio, seed, n_starts)
+    if ratio == 1:
+        return torch.arange(len(z), device=z.device)
+    n_select = min(n_select, limit or n_select)
+    chosen = torch.empty(n_select, dtype=torch.long, device=z.device)  # on z's device: no host sync per point
+    dist = torch.empty_like(min_dist)
+    for i in tqdm(range(n_select), desc="coreset (plain)", disable=None, leave=False):
+        j = torch.argmax(min_dist, 0, keepdim=True)  # (1,) the farthest point (the first one on ties)
+        chosen[i:i + 1] = j  # (1,) indices, never 0-d ones: indexing with a 0-d CUDA tensor syncs with the host
+        distances_to(z, sq_norms, z[j][0], sq_norms[j], out=dist)  # (N,)
+        torch.minimum(min_dist, dist, out=min_dist)  # distance of every point to its nearest chosen point
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sec. 3.3: anomaly detection with PatchCore: nearest patch, image score, anomaly map
+# ----------------------------------------------------------------------------------------------------------------
+def nearest_patch_distances(nn: NearestNeighbours, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each test patch's distance to its nearest memory-bank patch, and which bank patch that is:
+    (B, P, D) -> (B, P), (B, P)."""
+    dist, idx = nn.search(f.reshape(-1, f.shape[-1]), 1)  # (B*P, 1)
+    return dist.reshape(f.shape[:2]), idx.reshape(f.shape[:2])  # (B, P), (B, P)
+
+
+def image_score(nn: NearestNeighbours, f: np.ndarray, dist: np.ndarray, idx: np.ndarray, s: Settings) -> list[float]:
+    """Eq. 6: s* = max over an image's test patches of the distance to the nearest bank patch ([B] from (B, P));
+    with --reweight, Eq. 7 of it (off by default, as in the official code)."""
+    worst = dist.argmax(1)  # (B,) m_test,*: the test patch farthest from the bank; m* = its nearest bank patch
+    return [reweight(nn, f[b, j], dist[b, j], idx[b, j], s.reweight_k) if s.reweight else float(dist[b, j])
+            for b, j in enumerate(worst)]
+
+
+def reweight(nn: NearestNeighbours, query: np.ndarray, dist: float, idx: int, k: int) -> float:
+    """Eq. 7: s = (1 - exp||m_test - m*|| / sum_{m in N_b(m*)} exp||m_test - m||) * s*, for the image's worst patch.
+
+    m* is the bank neighbour of the worst test patch m_test; N_b(m*) are the k bank patches nearest to m*. A test patch
+    whose neighbour m* lies in a sparse region of the bank (far from its own neighbours) keeps more of its score.
+    """
+    m_star = nn.vectors(np.array([idx]))  # (1, D)
+    _, support = nn.search(m_star, k)  # (1, k): N_b(m*), m* itself included
+    d = np.linalg.norm(nn.vectors(support[0]) - query[None], axis=1)  # (k,) distances from m_test to N_b(m*)
+    weights = np.exp(np.concatenate([[dist], d]) - max(dist, d.max()))  # softmax, shifted for stability
+    return float((1 - weights[0] / weights[1:].sum()) * dist)
+
+
+SIGMA = 4  # Gaussian blur of the upsampled anomaly map, in pixels (Sec. 3.3 / official code)
+
+
+def upsample_and_blur(dist: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> list[np.ndarray]:
+    """The anomaly map: patch scores (B, H*W) on their (H, W) grid, upsampled bilinearly to the image's (S, S) and
+    smoothed by a Gaussian of SIGMA pixels: [(S, S)]."""
+    patch_map = torch.from_numpy(dist).view(-1, 1, *grid)  # (B, 1, H, W)
+    up = F.interpolate(patch_map, size=size, mode="bilinear", align_corners=False)  # (B, 1, S, S)
+    return [gaussian_filter(m, sigma=SIGMA) for m in up[:, 0].numpy()]
+
+
+def anomaly_maps(bank: MemoryBank, f: np.ndarray, grid: tuple[int, int], size: tuple[int, int],
+                 laps: Laps | None = None) -> tuple[list[float], list[np.ndarray]]:
+    """Sec. 3.3, for a batch's patch features f (B, H*W, D): image scores [B] and anomaly maps [(S, S)]."""
+    laps = laps or Laps()
+    dist, idx = nearest_patch_distances(bank.nn, f)  # (B, H*W), (B, H*W)
+    scores = image_score(bank.nn, f, dist, idx, bank.settings)  # [B]
+    laps.lap("search")
+    maps = upsample_and_blur(dist, grid, size)  # [(S, S)]
+    laps.lap("maps")
+    return scores, maps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fit (train/good -> memory bank) and score (images -> image scores and maps)
+# ----------------------------------------------------------------------------------------------------------------
+def fit(train: Sequence[data.Sample], s: Settings, device: torch.device, batch_size: int,
+        workers: int = 0, laps: Laps | None = None) -> MemoryBank:
+    """Sec. 3.2: the patch features of every training image, and a greedy coreset of them as the memory bank M."""
+    laps = laps or Laps()
+    features, z = extract_features(train, s, device, batch_size, workers)  # (N, D), (N, 128)
+    laps.lap("features")
+    # greedy_coreset_fast picks the points greedy_coreset (Algorithm 1) picks, many times faster; proven by
+    # tests/test_patchcore.py::test_fast_coreset_selects_what_the_plain_loop_selects_*
+    idx = greedy_coreset_fast(z, s.coreset_ratio, s.seed)  # (M,)
+    laps.lap("coreset")
+    nn = NearestNeighbours(features[idx.cpu()].float().numpy(), device, s.search, s.nprobe, s.seed, s.engine)
+    laps.lap("index")
+    return MemoryBank(replace(s, nprobe=nn.cpu.nprobe if nn.kind == "ivf" else None), nn)  # the nprobe used
+
+
+def score_batch(bank: MemoryBank, extractor: backbones.FeatureExtractor, images: torch.Tensor,
+                laps: Laps | None = None) -> tuple[list[float], list[np.ndarray]]:
+    """Image scores [B] and blurred anomaly maps [(S, S)] of one batch of images (B, 3, S, S) on the device."""
+    laps = laps or Laps()
+    f, grid = embed(extractor, images, bank.settings)  # (B, H*W, D)
+    f = f.cpu().numpy()
+    laps.lap("features")
+    return anomaly_maps(bank, f, grid, tuple(images.shape[-2:]), laps)
+
+
+def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device, batch_size: int,
+          desc: str = "scoring", workers: int = 0, laps: Laps | None = None
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image scores (N,), anomaly maps (N, S, S) and ground-truth masks (N, S, S) bool of samples (all zero for good
+    images and missing masks). Every image is scored on its own: batch-independent. laps, if given, receives the
+    seconds spent waiting for images (read), in the network (features), searching (search) and on maps (maps)."""
+    s = bank.settings
+    extractor = extractor_for(s.backbone, s.weights, s.layers, device)
+    loader = data.make_loader(samples, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop,
+                              device=device, workers=workers)
+    scores, maps, masks = [], [], []
+    laps = laps or Laps()
+    for batch in tqdm(prefetched(loader), desc=desc, total=len(loader), disable=None, leave=False):
+        laps.lap("read")
+        batch_scores, batch_maps = score_batch(bank, extractor, batch["image"].to(device, non_blocking=True), laps)
+        scores += batch_scores
+        maps += batch_maps
+        masks.append(batch["mask"][:, 0].numpy() > 0)  # (B, 1, S, S) -> (B, S, S)
+    return np.array(scores, dtype=np.float64), np.stack(maps).astype(np.float32), np.concatenate(masks)
+
+
+# ================================================================================================================
+# Not in the paper: the fast twins, the search index, saving and loading, timing, the command line
+# ================================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# The aggregation as one convolution per layer (equal to aggregate: test_aggregation_as_convolution_...)
+# ----------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def aggregation_kernels(channels: tuple[int, ...], s: Settings) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The same aggregation as one convolution per layer, or None where that would cost more than the steps.
@@ -160,69 +346,13 @@ def aggregate_by_convolution(layers: list[torch.Tensor], kernels: list[tuple[tor
     return features.flatten(2).transpose(1, 2)  # (B, target_dim, H, W) -> (B, H*W, target_dim)
 
 
-def embed(extractor: backbones.FeatureExtractor, images: torch.Tensor, s: Settings) -> tuple[torch.Tensor, tuple]:
-    """Patch features of a batch: (B, 3, S, S) -> (B, H*W, target_dim) on the first layer's (H, W) grid."""
-    with torch.no_grad():
-        layers = extractor(images.contiguous(memory_format=torch.channels_last))  # [(B, C_l, h_l, w_l)]
-        kernels = aggregation_kernels(tuple(f.shape[1] for f in layers), s)
-        features = aggregate(layers, s) if kernels is None else aggregate_by_convolution(layers, kernels, s)
-    return features, tuple(layers[0].shape[-2:])
-
-
-@functools.lru_cache(maxsize=2)
-def extractor_for(backbone: str, weights: str, layers: tuple[str, ...], device: torch.device) -> backbones.FeatureExtractor:
-    """The frozen feature extractor, built once per process and device (channels-last: ~30% faster on a CPU)."""
-    return backbones.feature_extractor(backbone, weights, layers).to(device, memory_format=torch.channels_last)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Coreset-reduced memory bank (Sec. 3.2, Algorithm 1)
+# The exact greedy coreset in blocks (equal to greedy_coreset: test_fast_coreset_selects_...)
 # ----------------------------------------------------------------------------------------------------------------
-def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
-    """A seeded Gaussian random projection (Johnson-Lindenstrauss): (dim_in, dim_out)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(dim_in, dim_out, generator=g) / dim_out ** 0.5
-
-
-def coreset_start(z: torch.Tensor, ratio: float, seed: int, n_starts: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(number of points to select, starting distance (N,), squared norms (N,)) of the approximate greedy coreset.
-
-    The official code's approximation: every point starts at its mean distance to `n_starts` random points, instead
-    of its distance to a first chosen point, so the N x N distance matrix is never needed.
-    """
-    if not 0 < ratio <= 1:
-        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(len(z), generator=g)[:n_starts].to(z.device)
-    min_dist = torch.cdist(z, z[starts]).mean(1)  # (N, n_starts) -> (N,)
-    return max(1, int(len(z) * ratio)), min_dist, (z * z).sum(1)
-
-
-def distances_to(z: torch.Tensor, sq_norms: torch.Tensor, q: torch.Tensor, sq_q: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """||z_i - q|| of every row, expanded as sqrt(|z_i|^2 - 2<z_i, q> + |q|^2): (N, d), (d,) -> (N,)."""
-    out = torch.mv(z, q, out=out)  # (N,) <z_i, q>; in place: ~4x faster on CPU than fresh tensors
-    return out.mul_(-2).add_(sq_norms).add_(sq_q).clamp_min_(0).sqrt_()
-
-
-def greedy_coreset_plain(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_STARTS,
-                         limit: int | None = None) -> torch.Tensor:
-    """The readable reference (Algorithm 1 as in the official code): indices of ratio*N rows of z (N, d), each the
-    farthest from those chosen so far. One pass over all N points per chosen point; greedy_coreset is the fast twin.
-    `limit` stops after that many points (benchmarks time a part of a long run).
-    """
-    n_select, min_dist, sq_norms = coreset_start(z, ratio, seed, n_starts)
-    if ratio == 1:
-        return torch.arange(len(z), device=z.device)
-    n_select = min(n_select, limit or n_select)
-    chosen = torch.empty(n_select, dtype=torch.long, device=z.device)  # on z's device: no host sync per point
-    dist = torch.empty_like(min_dist)
-    for i in tqdm(range(n_select), desc="coreset (plain)", disable=None, leave=False):
-        j = torch.argmax(min_dist, 0, keepdim=True)  # (1,) the farthest point (the first one on ties)
-        chosen[i:i + 1] = j  # (1,) indices, never 0-d ones: indexing with a 0-d CUDA tensor syncs with the host
-        distances_to(z, sq_norms, z[j][0], sq_norms[j], out=dist)  # (N,)
-        torch.minimum(min_dist, dist, out=min_dist)  # distance of every point to its nearest chosen point
-    return chosen
+TOP_CANDIDATES = 4096  # fast coreset: points whose distances are kept exact inside a block (greedy_within)
+CHECK_EVERY = 64  # fast coreset: steps between two host reads of the block's stop condition
+PAIR_CHUNK = 1 << 21  # fast coreset: (point, chosen point) distances per matrix product in apply_chosen (CPU)
+PAIR_CHUNK_CUDA = 1 << 26  # the same on a GPU: a 256 MB (r, B) block, ~100 products per update instead of ~3,000
 
 
 def top_candidates(min_dist: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,9 +418,10 @@ def full_float32() -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_STARTS,
-                   top: int = TOP_CANDIDATES, stats: dict | None = None) -> torch.Tensor:
-    """The points greedy_coreset_plain selects, in the same order, many times faster (same distances, same argmax).
+def greedy_coreset_fast(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_STARTS,
+                        top: int = TOP_CANDIDATES, stats: dict | None = None) -> torch.Tensor:
+    """The points greedy_coreset (Algorithm 1) selects, in the same order, many times faster (same distances, same
+    argmax).
 
     The plain loop spends one pass over all N points per chosen point, memory-bound. Here the loop runs in blocks:
     take the `top` farthest points T and the largest distance theta outside them (top_candidates); run the plain
@@ -320,8 +451,26 @@ def greedy_coreset(z: torch.Tensor, ratio: float, seed: int, n_starts: int = N_S
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Nearest-neighbour search: a tiny wrapper around a FAISS L2 index, exact or inverted-file (issue 16)
+# Nearest-neighbour search: exact (torch products or FAISS flat) or FAISS inverted-file (issues 16, 35)
 # ----------------------------------------------------------------------------------------------------------------
+GPU_MAX_K = 2048  # FAISS's largest k on a GPU (and largest nprobe of a GPU IVF index)
+SEARCHES = ("exact", "ivf")  # every bank row compared, or FAISS IndexIVFFlat: only the nprobe nearest k-means lists
+# Exact search runs as torch matrix products (TorchSearch) at the machine's GEMM rate: FAISS's flat index reaches
+# 20 GFLOP/s on some Intel hosts where the same product runs at 111 (its bundled OpenBLAS picks a generic kernel on a
+# CPU it does not know; issue 35, docs/search.md). "faiss" keeps FAISS's IndexFlatL2 for comparison; on a GPU a FAISS
+# build that sees it searches there, else torch does.
+EXACT_ENGINES = ("torch", "faiss")
+SEARCH_ROWS = 1024  # query patches per block of TorchSearch (one 256 px image; a quarter of a 512 px one)
+SEARCH_BLOCK = 1 << 21  # (query, bank) distances per block on a CPU: 8 MB of float32, bounded, read back from cache
+# (blocks of 4, 8 and 16M distances ran 4 %, 10 % and 15 % slower on an AVX-512 Xeon: bench/bench_search.py)
+SEARCH_BLOCK_CUDA = 1 << 26  # the same on a GPU: 256 MB, products large enough to fill it
+NPROBE = 32  # issue 16: on tire/pill/transistor (256 px) and tire (512 px) nprobe 32 left every image AUROC as exact
+# search's to 4 decimals (nprobe 8 moved it by up to 0.007) at 0.20x (512 px) to 0.40x (256 px) its time per image
+POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroid (min_points_per_centroid)
+# --load: a saved bank fixes its feature pipeline and coreset (these flags may not be given with it, see check_flags);
+# what only the scoring reads may change without refitting (these flags act on it, see load_bank)
+
+
 def ivf_lists(n: int) -> int:
     """Number of IVF lists (k-means centroids) for a bank of n patches: about 4 sqrt(n), FAISS's rule of thumb (a
     query then compares itself with 4 sqrt(n) centroids plus nprobe lists of ~sqrt(n)/4 rows each), but at most
@@ -508,7 +657,7 @@ class NearestNeighbours:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. The fitted model: settings + memory bank; scoring (Sec. 3.3)
+# The fitted model (settings + search index), saved and loaded; reading ahead; timing
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class MemoryBank:
@@ -611,100 +760,6 @@ class Laps:
         self._last = now
 
 
-def extract_features(train: Sequence[data.Sample], s: Settings, device: torch.device,
-                     batch_size: int, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch features of every training image (N, D) float16 on CPU, and their random projection (N, 128) on device."""
-    extractor = extractor_for(s.backbone, s.weights, s.layers, device)
-    loader = data.make_loader(train, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop,
-                              device=device, workers=workers)
-    projection = random_projection(s.target_dim, PROJECTION_DIM, s.seed).to(device)
-    # Memory: a 400-image category at 512 px gives ~1.6M patches x 1024 dims. Kept as float32 that is 6.7 GB; we
-    # keep float16 on the CPU (3.4 GB; the rounding, ~1e-3 relative, is far below patch-to-patch distances) and
-    # project each batch to 128 dims on the fly for the coreset (0.8 GB), both written into arrays allocated once
-    # (no concatenation copy), so fitting stays well under 12 GB.
-    features = projected = None
-    for batch in tqdm(loader, desc="features", disable=None, leave=False):
-        f, _ = embed(extractor, batch["image"].to(device, non_blocking=True), s)  # (B, H*W, D)
-        start = batch["index"][0].item() * f.shape[1]  # the loader does not shuffle: image i -> rows i*H*W...
-        f = f.flatten(0, 1)  # (B*H*W, D)
-        if features is None:
-            n = len(train) * len(f) // len(batch["index"])  # every image has the same H*W patches
-            features = torch.empty(n, s.target_dim, dtype=torch.float16)  # (N, D) on the CPU
-            projected = torch.empty(n, PROJECTION_DIM, device=device)  # (N, 128)
-        # float16 on the device, then the copy: half the bytes cross to the host (f.to("cpu", torch.float16) would
-        # copy float32 and convert on the CPU)
-        features[start:start + len(f)] = f.half().cpu()
-        projected[start:start + len(f)] = f @ projection  # (B*H*W, D) -> (B*H*W, 128)
-    return features, projected
-
-
-def fit(train: Sequence[data.Sample], s: Settings, device: torch.device, batch_size: int,
-        workers: int = 0, laps: Laps | None = None) -> MemoryBank:
-    """Extract the patch features of every training image and keep a greedy coreset of them as the memory bank."""
-    laps = laps or Laps()
-    features, z = extract_features(train, s, device, batch_size, workers)  # (N, D), (N, 128)
-    laps.lap("features")
-    idx = greedy_coreset(z, s.coreset_ratio, s.seed)  # (M,)
-    laps.lap("coreset")
-    nn = NearestNeighbours(features[idx.cpu()].float().numpy(), device, s.search, s.nprobe, s.seed, s.engine)
-    laps.lap("index")
-    return MemoryBank(replace(s, nprobe=nn.cpu.nprobe if nn.kind == "ivf" else None), nn)  # the nprobe used
-
-
-def reweight(nn: NearestNeighbours, query: np.ndarray, dist: float, idx: int, k: int) -> float:
-    """Eq. 7: s = (1 - exp||m_test - m*|| / sum_{m in N_b(m*)} exp||m_test - m||) * s*, for the image's worst patch.
-
-    m* is the bank neighbour of the worst test patch m_test; N_b(m*) are the k bank patches nearest to m*. A test patch
-    whose neighbour m* lies in a sparse region of the bank (far from its own neighbours) keeps more of its score.
-    """
-    m_star = nn.vectors(np.array([idx]))  # (1, D)
-    _, support = nn.search(m_star, k)  # (1, k): N_b(m*), m* itself included
-    d = np.linalg.norm(nn.vectors(support[0]) - query[None], axis=1)  # (k,) distances from m_test to N_b(m*)
-    weights = np.exp(np.concatenate([[dist], d]) - max(dist, d.max()))  # softmax, shifted for stability
-    return float((1 - weights[0] / weights[1:].sum()) * dist)
-
-
-def score_batch(bank: MemoryBank, extractor: backbones.FeatureExtractor, images: torch.Tensor,
-                laps: Laps | None = None) -> tuple[list[float], list[np.ndarray]]:
-    """Image scores [B] and blurred anomaly maps [(S, S)] of one batch of images (B, 3, S, S) on the device."""
-    s, laps = bank.settings, laps or Laps()
-    f, grid = embed(extractor, images, s)  # (B, H*W, D)
-    f = f.cpu().numpy()
-    laps.lap("features")
-    dist, idx = bank.nn.search(f.reshape(-1, s.target_dim), 1)  # (B*H*W, 1)
-    dist, idx = dist.reshape(len(f), -1), idx.reshape(len(f), -1)  # (B, H*W)
-    worst = dist.argmax(1)  # the image score is the largest patch score (s* of Eq. 6)
-    scores = [reweight(bank.nn, f[b, j], dist[b, j], idx[b, j], s.reweight_k) if s.reweight else float(dist[b, j])
-              for b, j in enumerate(worst)]
-    laps.lap("search")
-    patch_map = torch.from_numpy(dist).view(-1, 1, *grid)  # (B, 1, H, W)
-    up = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, S, S)
-    maps = [gaussian_filter(m, sigma=SIGMA) for m in up[:, 0].numpy()]
-    laps.lap("maps")
-    return scores, maps
-
-
-def score(bank: MemoryBank, samples: Sequence[data.Sample], device: torch.device, batch_size: int,
-          desc: str = "scoring", workers: int = 0, laps: Laps | None = None
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image scores (N,), anomaly maps (N, S, S) and ground-truth masks (N, S, S) bool of samples (all zero for good
-    images and missing masks). Every image is scored on its own: batch-independent. laps, if given, receives the
-    seconds spent waiting for images (read), in the network (features), searching (search) and on maps (maps)."""
-    s = bank.settings
-    extractor = extractor_for(s.backbone, s.weights, s.layers, device)
-    loader = data.make_loader(samples, s.image_size, *backbones.normalization(s.backbone), batch_size, s.center_crop,
-                              device=device, workers=workers)
-    scores, maps, masks = [], [], []
-    laps = laps or Laps()
-    for batch in tqdm(prefetched(loader), desc=desc, total=len(loader), disable=None, leave=False):
-        laps.lap("read")
-        batch_scores, batch_maps = score_batch(bank, extractor, batch["image"].to(device, non_blocking=True), laps)
-        scores += batch_scores
-        maps += batch_maps
-        masks.append(batch["mask"][:, 0].numpy() > 0)  # (B, 1, S, S) -> (B, S, S)
-    return np.array(scores, dtype=np.float64), np.stack(maps).astype(np.float32), np.concatenate(masks)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The model folder (issue 33): memory_bank/ + model.json, all predict.py needs to score new images like the run
 # ----------------------------------------------------------------------------------------------------------------
@@ -748,8 +803,15 @@ def load_model(folder: str | Path, device: torch.device) -> tuple[MemoryBank, di
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. The flags: none is silently ignored, and the files record the settings that ran
+# The flags: none is silently ignored, and the files record the settings that ran
 # ----------------------------------------------------------------------------------------------------------------
+FIXED_BY_BANK = ("backbone", "weights", "layers", "image_size", "center_crop", "patch_size", "pretrain_dim",
+                 "target_dim", "coreset_ratio", "seed")
+SET_AT_LOAD = ("search", "nprobe", "engine", "reweight", "reweight_k")
+TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "recall_at_threshold",
+              "fpr_at_threshold", "fit_seconds", "ms_per_image", "peak_rss_mb", "memory_bank_size")  # final table
+
+
 def flag(name: str) -> str:
     """The command-line flag of an argument's name: image_size -> --image-size."""
     return "--" + name.replace("_", "-")
@@ -794,6 +856,8 @@ def used_args(args: argparse.Namespace, s: Settings) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **asdict(s)})
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The run: fit or load, score, write
 # ----------------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
     """Fit (or --load) a memory bank, score the test or evaluation images, write the result files; return metrics."""

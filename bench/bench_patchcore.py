@@ -68,10 +68,10 @@ def one(args: argparse.Namespace) -> dict:
         t["features_s"] = time.perf_counter() - t0
         stats = {}
         t0 = time.perf_counter()
-        idx = patchcore.greedy_coreset(z, s.coreset_ratio, s.seed, stats=stats)
+        idx = patchcore.greedy_coreset_fast(z, s.coreset_ratio, s.seed, stats=stats)
         t["fast_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        plain = patchcore.greedy_coreset_plain(z, s.coreset_ratio, s.seed, limit=args.plain_limit)
+        plain = patchcore.greedy_coreset(z, s.coreset_ratio, s.seed, limit=args.plain_limit)
         t["plain_s"] = (time.perf_counter() - t0) * len(idx) / len(plain)  # extrapolated when limited
         identical, n_diff, same_set = same_order(idx.cpu().numpy(), plain.cpu().numpy())
         t0 = time.perf_counter()
@@ -135,7 +135,8 @@ def search_one(args: argparse.Namespace) -> dict:
             s = patchcore.Settings(args.backbone, args.weights, backbones.default_layers(args.backbone), args.size,
                                    None, 3, 1024, 1024, args.ratio, False, 9, 0)
             features, z = patchcore.extract_features(train, s, device, args.batch_size)  # (N, D), (N, 128)
-            vectors = features[patchcore.greedy_coreset(z, s.coreset_ratio, s.seed).cpu()].float().numpy()  # (M, D)
+            idx = patchcore.greedy_coreset_fast(z, s.coreset_ratio, s.seed)  # (M,)
+            vectors = features[idx.cpu()].float().numpy()  # (M, D)
         batches = test_patches(s, test, device, args.batch_size)
     searches = []
     for engine in patchcore.EXACT_ENGINES:  # torch first: the reference of every row

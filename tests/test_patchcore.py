@@ -28,23 +28,23 @@ def test_coreset_picks_the_farthest_point_first():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(200, 8, generator=g) * 0.1
     z[37] += 50  # one point far from everything else
-    assert patchcore.greedy_coreset(z, 0.01, seed=0)[0] == 37
+    assert patchcore.greedy_coreset_fast(z, 0.01, seed=0)[0] == 37
 
 
 def test_coreset_covers_every_cluster():
     g = torch.Generator().manual_seed(1)
     centres = torch.tensor([[0.0, 0], [10, 0], [0, 10], [10, 10]])
     z = (centres[:, None] + 0.1 * torch.randn(4, 25, 2, generator=g)).reshape(100, 2)  # 4 tight clusters
-    chosen = patchcore.greedy_coreset(z, 0.04, seed=0)  # 4 points
+    chosen = patchcore.greedy_coreset_fast(z, 0.04, seed=0)  # 4 points
     assert sorted((chosen // 25).tolist()) == [0, 1, 2, 3]
 
 
 def test_coreset_ratio_one_keeps_all_and_bad_ratios_raise():
     z = torch.randn(30, 4)
-    assert patchcore.greedy_coreset(z, 1.0, seed=0).tolist() == list(range(30))
+    assert patchcore.greedy_coreset_fast(z, 1.0, seed=0).tolist() == list(range(30))
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="coreset ratio must be in"):
-            patchcore.greedy_coreset(z, bad, seed=0)
+            patchcore.greedy_coreset_fast(z, bad, seed=0)
 
 
 def same_up_to_ties(fast: torch.Tensor, plain: torch.Tensor, z: torch.Tensor, seed: int, rtol: float = 1e-5) -> bool:
@@ -73,7 +73,7 @@ def same_up_to_ties(fast: torch.Tensor, plain: torch.Tensor, z: torch.Tensor, se
 
 def test_same_up_to_ties_accepts_a_swapped_tie_and_nothing_else():
     z = torch.tensor([[0.0, 0.0], [10.0, 0.0], [-10.0, 0.0], [0.0, 3.0]])  # 1 and 2 start at the same distance
-    plain = patchcore.greedy_coreset_plain(z, 0.75, seed=0)
+    plain = patchcore.greedy_coreset(z, 0.75, seed=0)
     assert plain.tolist() == [1, 2, 3]  # the tie goes to the lower index
     assert same_up_to_ties(torch.tensor([2, 1, 3]), plain, z, seed=0)  # ... but either order is right
     assert not same_up_to_ties(torch.tensor([1, 3, 2]), plain, z, seed=0)  # 3 is nearer than 2: not a tie
@@ -85,8 +85,8 @@ def test_fast_coreset_selects_what_the_plain_loop_selects_on_clustered_data(top)
     g = torch.Generator().manual_seed(4)
     centres = 5 * torch.randn(12, 32, generator=g)
     z = (centres[torch.randint(0, 12, (3000,), generator=g)] + torch.randn(3000, 32, generator=g))  # (3000, 32)
-    plain = patchcore.greedy_coreset_plain(z, 0.1, seed=0)
-    fast = patchcore.greedy_coreset(z, 0.1, seed=0, top=top)  # small top: many short blocks
+    plain = patchcore.greedy_coreset(z, 0.1, seed=0)
+    fast = patchcore.greedy_coreset_fast(z, 0.1, seed=0, top=top)  # small top: many short blocks
     assert len(fast) == 300 and same_up_to_ties(fast, plain, z, seed=0)
 
 
@@ -94,8 +94,8 @@ def test_fast_coreset_selects_what_the_plain_loop_selects_on_real_features(synth
     train, _ = data.load_category(synth_root, "washer")
     _, z = patchcore.extract_features(train, settings(), CPU, 8)  # (16 * 64, 128) Lite0 patch projections
     for ratio, top in ((0.25, 64), (0.5, patchcore.TOP_CANDIDATES)):
-        plain = patchcore.greedy_coreset_plain(z, ratio, seed=1)
-        fast = patchcore.greedy_coreset(z, ratio, seed=1, top=top)
+        plain = patchcore.greedy_coreset(z, ratio, seed=1)
+        fast = patchcore.greedy_coreset_fast(z, ratio, seed=1, top=top)
         assert len(fast) == int(len(z) * ratio) and same_up_to_ties(fast, plain, z, seed=1)
 
 
@@ -126,7 +126,7 @@ def test_the_block_bound_no_point_outside_the_top_can_be_chosen():
 
 def test_coreset_is_seeded():
     z = torch.randn(500, 16, generator=torch.Generator().manual_seed(2))
-    a, b = patchcore.greedy_coreset(z, 0.05, seed=3), patchcore.greedy_coreset(z, 0.05, seed=3)
+    a, b = patchcore.greedy_coreset_fast(z, 0.05, seed=3), patchcore.greedy_coreset_fast(z, 0.05, seed=3)
     assert torch.equal(a, b) and len(a) == 25 and len(set(a.tolist())) == 25
 
 
