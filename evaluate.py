@@ -12,15 +12,18 @@ cutpaste) on the same splits, with M = 0 real labels too: the study's third arm,
     python evaluate.py --data-root ~/mvtec --categories pill --scenarios general,hard --out-dir runs/dra   # DRA's
     python evaluate.py ... --scenarios general,hard --synthetic none,cutpaste --general-m 0,1,10   # + CutPaste arm
     python evaluate.py ... --out-dir runs/study --shard 2/4        # the 2nd of 4 parts (one per GPU or task)
+    python evaluate.py ... --plan                                  # print every run's command, run nothing
     python evaluate.py --runs runs/study                           # rebuild tables and plots from saved runs
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,6 +52,41 @@ DEMO = dict(categories="weave,washer", scenarios=",".join(STUDY_SCENARIOS), seed
             few_shot_k="1,2,4", unseen_k=4, general_m="0,4", hard_m="4", synthetic="none,cutpaste", image_size=128,
             classifier_backbone="efficientnet_lite0", patchcore_backbone="efficientnet_lite0", epochs=5,
             batch_size=8, coreset_ratio=0.1)
+
+
+class Run(NamedTuple):
+    """One planned run of the study: the folder it writes, what its study.json records, the split it reads and that
+    split's file, and the argv of its script (patchcore.py or classify.py), which is all it needs to run alone."""
+    run_dir: Path
+    info: dict
+    split: dict
+    split_file: Path
+    argv: list[str]
+
+    @property
+    def script(self):
+        """patchcore or classify, the module that makes this run."""
+        return patchcore if self.info["method"] == "patchcore" else classify
+
+    def command(self, recorded: bool = False) -> str:
+        """This run as a command line: python3 patchcore.py ... / python3 classify.py ... (recorded: for a committed
+        file, an absolute path shortened as data.portable does)."""
+        argv = [str(data.portable(a)) if recorded else str(a) for a in self.argv]
+        return shlex.join(["python3", f"{self.script.__name__}.py", *argv])
+
+    def call(self) -> dict:
+        """Make the run: the script's own run() on its argv, as the command line would."""
+        return self.script.run(self.script.parse_args(self.argv))
+
+
+def split_command(split: dict, data_root: str, path: Path) -> str:
+    """The splits.py command line that writes the split file of a planned split (the same draw, the same file)."""
+    argv = ["python3", "splits.py", "--data-root", str(data_root), "--category", split["category"],
+            "--seed", str(split["seed"]), "--scenario", split["scenario"]]
+    argv += ["--k", str(split["k"])] if split["k"] is not None and split["scenario"] != "open-set" else []
+    held = split.get("known") or split.get("held_out")  # hard: the known type; unseen-type: the type left out
+    argv += ["--held-out", held] if held else []
+    return shlex.join([*argv, "--out", str(path)])
 
 
 def parse_k(text: str) -> list[int | None]:
@@ -151,9 +189,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return k, n
 
 
-def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
-    """Every run of the study, in a fixed order: (run folder, study.json info, its split, the split's file, the
-    call). PatchCore once per (category, seed) and protocol, the classifier once per split and arm (the arms of a
+def plan_study(args) -> list[Run]:
+    """Every run of the study, in a fixed order (Run: run folder, study.json info, its split, the split's file, the
+    script's argv). PatchCore once per (category, seed) and protocol, the classifier once per split and arm (the arms of a
     split one after the other); PatchCore's unseen-type, general and hard results are its scores of the same images
     in its one run of that protocol (report.collect). Bad input (folders, --seeds, --general-m, --hard-m,
     --synthetic) ends in one sentence here, before any folder is written."""
@@ -186,10 +224,9 @@ def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
                                     "--coreset-ratio", str(args.coreset_ratio), "--batch-size", str(args.batch_size),
                                     "--split", str(base / "splits" / f"{tag}.json"), "--out-dir", str(base / "patchcore" / tag)]
                 pc_args += ["--nprobe", str(args.nprobe)] if args.nprobe is not None else []
-                jobs.append((base / "patchcore" / tag,
-                             {**info, "method": "patchcore", "tag": tag, "role": role, "n_labelled": 0},
-                             split, base / "splits" / f"{tag}.json",
-                             lambda a=pc_args: patchcore.run(patchcore.parse_args(a))))
+                jobs.append(Run(base / "patchcore" / tag,
+                                {**info, "method": "patchcore", "tag": tag, "role": role, "n_labelled": 0},
+                                split, base / "splits" / f"{tag}.json", pc_args))
             # The classifier: one training run per split and arm, every arm reading the split's one file
             cl_splits = (plan_splits(test, category, seed, args) if pool else []) + \
                 plan_open_set(train, test, category, seed, args)
@@ -203,23 +240,22 @@ def plan_study(args) -> list[tuple[Path, dict, dict, Path, object]]:
                                         "--split", str(base / "splits" / f"{split['tag']}.json"),
                                         "--out-dir", str(run_dir)]
                     cl_args += ["--synthetic", arm] if arm != "none" else []
-                    jobs.append((run_dir, {**info, "method": "classifier", "synthetic": arm, "tag": tag,
-                                           "role": split["role"], "held_out": split["held_out"],
-                                           "reference": split.get("reference"),
-                                           "n_labelled": len(split["train_defects"])},
-                                 {k: v for k, v in split.items() if k not in ("tag", "role", "reference", "arms")},
-                                 base / "splits" / f"{split['tag']}.json",
-                                 lambda a=cl_args: classify.run(classify.parse_args(a))))
+                    jobs.append(Run(run_dir, {**info, "method": "classifier", "synthetic": arm, "tag": tag,
+                                              "role": split["role"], "held_out": split["held_out"],
+                                              "reference": split.get("reference"),
+                                              "n_labelled": len(split["train_defects"])},
+                                    {k: v for k, v in split.items() if k not in ("tag", "role", "reference", "arms")},
+                                    base / "splits" / f"{split['tag']}.json", cl_args))
     return jobs
 
 
-def shard_jobs(planned: list, k: int, n: int) -> list:
+def shard_jobs(planned: list[Run], k: int, n: int) -> list[Run]:
     """The K-th of N disjoint parts of the planned runs: every N-th split file from the K-th, with every run that
     reads it (a split's arms), so each split file is written by one process only. One run per split file (no
     CutPaste arm): every N-th run, as before the arms."""
     by_split = {}
     for job in planned:
-        by_split.setdefault(job[3], []).append(job)  # the runs of one split are consecutive in the plan
+        by_split.setdefault(job.split_file, []).append(job)  # the runs of one split are consecutive in the plan
     return [job for jobs in list(by_split.values())[k - 1::n] for job in jobs]
 
 
@@ -233,20 +269,38 @@ def run_study(args) -> None:
     if n > 1:
         print(f"shard {k}/{n}: {len(jobs)} of the study's {len(planned)} runs")
     seconds = {}  # method (classifier+cutpaste apart) -> durations of the runs done in this call, for the time left
-    for i, (run_dir, info, split, split_file, call) in enumerate(jobs):
-        if (run_dir / "metrics.json").is_file() and (run_dir / "study.json").is_file():
-            print(f"[skip] {run_dir} exists")  # resumable: finished runs are kept
+    for i, job in enumerate(jobs):
+        if (job.run_dir / "metrics.json").is_file() and (job.run_dir / "study.json").is_file():
+            print(f"[skip] {job.run_dir} exists")  # resumable: finished runs are kept
             continue
-        method = report.method_of(info)
-        left = [report.method_of(j[1]) for j in jobs[i:] if not (j[0] / "study.json").is_file()]
-        print(f"\n=== [{i + 1}/{len(jobs)}] {method} {info['category']} seed {info['seed']} {info['tag']} "
-              f"-> {run_dir}{time_left(left, seconds)}", flush=True)
+        method = report.method_of(job.info)
+        left = [report.method_of(j.info) for j in jobs[i:] if not (j.run_dir / "study.json").is_file()]
+        print(f"\n=== [{i + 1}/{len(jobs)}] {method} {job.info['category']} seed {job.info['seed']} "
+              f"{job.info['tag']} -> {job.run_dir}{time_left(left, seconds)}", flush=True)
         t0 = time.perf_counter()
-        split_file.parent.mkdir(parents=True, exist_ok=True)
-        splits.write_split(split, split_file)  # the seeded draw, listing every labelled and evaluation image
-        call()
+        job.split_file.parent.mkdir(parents=True, exist_ok=True)
+        splits.write_split(job.split, job.split_file)  # the seeded draw, listing every labelled and evaluation image
+        job.call()
         seconds.setdefault(method, []).append(time.perf_counter() - t0)
-        data.write_json(run_dir / "study.json", {**info, "wall_seconds": seconds[method][-1]})
+        # study.json: what the report needs of the run, and the command that makes it alone (from the study folder's
+        # parent, with its split file)
+        data.write_json(job.run_dir / "study.json", {**job.info, "wall_seconds": seconds[method][-1],
+                                                     "command": job.command(recorded=True)})
+
+
+def print_plan(args) -> None:
+    """--plan: every command of the study (with --shard K/N: that shard's), in the order it runs them, nothing run
+    or written. Each split file first (splits.py writes the draw the study writes), then the runs that read it."""
+    k, n = parse_shard(args.shard)
+    jobs = shard_jobs(plan_study(args), k, n)
+    print(f"# {len(jobs)} runs" + (f" (shard {k}/{n})" if n > 1 else "") + "; finished ones are skipped by "
+          f"evaluate.py, each line below makes one alone")
+    written = set()
+    for job in jobs:
+        if job.split_file not in written:
+            written.add(job.split_file)
+            print(split_command(job.split, args.data_root, job.split_file))
+        print(job.command())
 
 
 def time_left(methods: list[str], seconds: dict[str, list[float]]) -> str:
@@ -354,6 +408,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of both methods (default: theirs)")
     p.add_argument("--shard", default=None, help="K/N: run only the K-th of N disjoint parts of the planned runs "
                    "(one per GPU or cluster task, into one shared --out-dir); then report with --runs")
+    p.add_argument("--plan", action="store_true", help="print the study's commands (splits.py, patchcore.py, "
+                   "classify.py; with --shard K/N that shard's) and run nothing")
     p.add_argument("--out-dir", default=None, help="default: runs/study (runs/demo with --demo)")
     args = p.parse_args(argv)
     if args.demo:
@@ -384,6 +440,9 @@ def run(args: argparse.Namespace) -> str:
         unknown = set(args.scenarios) - set(STUDY_SCENARIOS)
         if unknown:
             raise data.DataError(f"unknown scenario(s) {', '.join(sorted(unknown))} (expected {', '.join(STUDY_SCENARIOS)})")
+        if args.plan:
+            print_plan(args)
+            return ""
         run_study(args)
         if args.shard is not None and parse_shard(args.shard)[1] > 1:
             print(f"shard {args.shard} done; when every shard is, build the report with: python evaluate.py --runs "

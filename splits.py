@@ -193,7 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", required=True)
     p.add_argument("--category", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenario", choices=SCENARIOS + OPEN_SET_SCENARIOS, default="all-types")
+    p.add_argument("--scenario", choices=SCENARIOS + OPEN_SET_SCENARIOS + ("open-set",), default="all-types",
+                   help="open-set: PatchCore's split of the open-set protocol (every test image, no --k)")
     p.add_argument("--k", type=int, default=None, help="defect images per type for the classifier (default: pool); "
                    "general/hard: M, the labelled anomalies")
     p.add_argument("--held-out", default=None, help="defect type left out (unseen-type); hard: the one known type")
@@ -207,9 +208,13 @@ def main(argv=None) -> None:
         train, test = load_category(args.data_root, args.category)
         if args.scenario in OPEN_SET_SCENARIOS and args.k is None:
             raise DataError(f"--scenario {args.scenario} needs --k M, the number of labelled anomalies (e.g. 10)")
-        split = open_set_split(train, test, args.category, args.seed, args.scenario, args.k, args.held_out) \
+        split = open_set_patchcore_split(train, test, args.category, args.seed) if args.scenario == "open-set" else \
+            open_set_split(train, test, args.category, args.seed, args.scenario, args.k, args.held_out) \
             if args.scenario in OPEN_SET_SCENARIOS else \
             make_split(test, args.category, args.seed, args.scenario, args.k, args.held_out)
+        if args.scenario == "hard":  # as evaluate.py writes it: the known type also names the run (hard-<type>)
+            split["held_out"] = args.held_out
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_split(split, args.out)
         print(f"wrote {args.out}: {len(split['train_defects'])} training defects, {len(split['eval'])} eval images")
     except DataError as e:

@@ -1,6 +1,7 @@
 """The study in evaluate.py: planned splits, tables rebuilt from a hand-made runs tree, a tiny end-to-end study."""
 import csv
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -8,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import classify
 import data
 import evaluate
 import metrics
 import patchcore
 import report
+import splits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import study_time  # noqa: E402
@@ -454,8 +457,8 @@ def plan(root, out, *flags):
                                 "--device", "cpu", "--out-dir", str(out), *flags])
     args.scenarios = args.scenarios.split(",")
     jobs = evaluate.plan_study(args)
-    return jobs, [(str(d.relative_to(out)), str(f.relative_to(out)), i.get("synthetic"), call.__defaults__[0])
-                  for d, i, _, f, call in jobs]
+    return jobs, [(str(d.relative_to(out)), str(f.relative_to(out)), i.get("synthetic"), argv)
+                  for d, i, _, f, argv in jobs]
 
 
 def test_default_synthetic_plans_the_runs_of_before_and_shards_split_by_split(synth_root, tmp_path):
@@ -485,6 +488,54 @@ def test_default_synthetic_plans_the_runs_of_before_and_shards_split_by_split(sy
         assert sorted(str(j[0]) for shard in shards for j in shard) == sorted(str(j[0]) for j in jobs)
     plain = plan(root, tmp_path)[0]
     assert evaluate.shard_jobs(plain, 2, 3) == plain[1::3]  # one run per split file: every N-th run, as before
+
+
+def test_plan_prints_each_runs_command_and_the_split_file_it_reads(synth_root, tmp_path, capsys):
+    root = two_type_copy(synth_root, tmp_path / "data")
+    jobs, _ = plan(root, tmp_path / "study", "--synthetic", "none,cutpaste", "--general-m", "0,1")
+    written = {}
+    for job in jobs:
+        words = shlex.split(job.command())
+        assert words[:2] == ["python3", f"{job.script.__name__}.py"] and words[2:] == job.argv
+        assert job.script.parse_args(words[2:]).out_dir == str(job.run_dir)
+        if job.split_file not in written:  # splits.py, run from its printed command, writes the study's draw
+            words = shlex.split(evaluate.split_command(job.split, str(root), job.split_file))
+            assert words[:2] == ["python3", "splits.py"]
+            splits.main(words[2:])
+            written[job.split_file] = json.loads(job.split_file.read_text())
+        assert written[job.split_file] == json.loads(json.dumps(job.split))
+    assert len(written) == 1 + 1 + 4 + 2 + 2 + 0  # all, open-set, k1 k2 unseen x2, general-0/1, hard x2
+    shutil.rmtree(tmp_path / "study")
+    # --plan prints those lines, each split file before the runs that read it, and writes nothing
+    flags = ["--data-root", str(root), "--categories", "weave", "--seeds", "0", "--k-values", "1,2", "--few-shot-k",
+             "1", "--unseen-k", "1", "--general-m", "0,1", "--hard-m", "1", "--synthetic", "none,cutpaste",
+             "--device", "cpu", "--out-dir", str(tmp_path / "study")]
+    capsys.readouterr()
+    assert evaluate.main(flags + ["--plan"]) == ""
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"# {len(jobs)} runs") and not (tmp_path / "study").exists()
+    assert [l for l in lines if not l.startswith(("#", "python3 splits.py"))] == [j.command() for j in jobs]
+    assert sum(l.startswith("python3 splits.py") for l in lines) == len(written)
+    evaluate.main(flags + ["--plan", "--shard", "2/3"])
+    assert [l for l in capsys.readouterr().out.splitlines() if l.startswith(("python3 patchcore", "python3 classify"))] \
+        == [j.command() for j in evaluate.shard_jobs(jobs, 2, 3)]
+
+
+def test_each_run_folder_records_the_command_that_reruns_it_alone(synth_root, tmp_path, monkeypatch):
+    two_type_copy(synth_root, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # relative paths, as the README's commands give them, are recorded as they are
+    evaluate.main(open_set_argv("data", "study", "--scenarios", "general"))
+    for run_dir in ("study/weave/seed0/patchcore/open-set", "study/weave/seed0/classify/general-2"):
+        command = json.loads((tmp_path / run_dir / "study.json").read_text())["command"]
+        words = shlex.split(command)
+        script = {"patchcore.py": patchcore, "classify.py": classify}[words[1]]
+        shutil.move(run_dir, "before")
+        script.main(words[2:])  # the recorded command, alone: the same run folder, the same scores
+        assert data.read_scores(tmp_path / run_dir / "scores.csv")[0] == \
+            data.read_scores(tmp_path / "before" / "scores.csv")[0]
+        np.testing.assert_allclose(data.read_scores(tmp_path / run_dir / "scores.csv")[3],
+                                   data.read_scores(tmp_path / "before" / "scores.csv")[3], rtol=1e-5, atol=1e-6)
+        shutil.rmtree("before")
 
 
 @pytest.mark.parametrize("flags, message", [
