@@ -351,12 +351,13 @@ def fmt(x: float) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 def score_batch(items: list[Item], tensors: dict[str, torch.Tensor], methods: Sequence[Method], fused: Fused | None,
-                device: torch.device, tmp: Path, save_maps: bool) -> list[dict]:
-    """The rows of one batch (its readable images as each model's input, see batches); its overlays (and maps)
-    written under tmp."""
+                device: torch.device, tmp: Path, save_maps: bool) -> tuple[list[dict], float]:
+    """The rows of one batch (its readable images as each model's input, see batches) and the seconds its overlays
+    took; its overlays (and maps) written under tmp."""
     good = [it for it in items if it.status != "error"]
     results = {m.name: m.score(tensors[m.name], device) if good else None for m in methods}
     rows, index = [], {id(it): i for i, it in enumerate(good)}  # position of each readable file in the batch
+    overlay_seconds = 0.0
     for it in items:
         width, height = it.size
         row = {"path": it.rel, "width": width, "height": height, "status": it.status, "reason": it.reason}
@@ -388,9 +389,11 @@ def score_batch(items: list[Item], tensors: dict[str, torch.Tensor], methods: Se
                 title = f"{it.rel}  fused {norm:.3f} {row['fused_decision']}"
         target = tmp / "overlays" / f"{it.rel}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
         save_overlay(target, it.image, panels, title)
+        overlay_seconds += time.perf_counter() - t0
         it.image = None  # the batch's images are released with it
-    return rows
+    return rows, overlay_seconds
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -416,7 +419,7 @@ def run(args: argparse.Namespace) -> dict:
     key = "fused_normalised" if fused is not None and fused.threshold is not None else f"{methods[0].name}_normalised"
 
     # Score: batch by batch, the next batch read by a thread while this one is scored; rows kept, images not
-    t0, rows = time.perf_counter(), []
+    t0, rows, overlay_seconds = time.perf_counter(), [], 0.0
     with data.atomic_dir(out) as tmp, \
             contextlib.closing(patchcore.prefetched(batches(files, args.batch_size, methods))) as reader:
         bar = tqdm(total=len(files), desc="predicting", unit="image", disable=None)
@@ -425,7 +428,8 @@ def run(args: argparse.Namespace) -> dict:
                 if it.status == "error" and args.strict:
                     raise data.DataError(f"{it.path}: {it.reason} (--strict ends the run at the first unreadable "
                                          f"file; nothing was written)")
-            rows += score_batch(items, tensors, methods, fused, device, tmp, args.save_maps)
+            batch_rows, seconds = score_batch(items, tensors, methods, fused, device, tmp, args.save_maps)
+            rows, overlay_seconds = rows + batch_rows, overlay_seconds + seconds
             bar.update(len(items))
         bar.close()
         # Write: predictions.csv in the input order, then the page
@@ -440,9 +444,10 @@ def run(args: argparse.Namespace) -> dict:
     flagged = sum(r.get(key.replace("normalised", "decision")) == "defect" for r in rows)
     print(f"{len(rows)} files: {counts['ok']} ok, {counts['converted']} converted, {counts['error']} unreadable; "
           f"{flagged} flagged as defects by {key.removesuffix('_normalised')}")
-    print(f"{seconds / len(rows):.3f} s per image ({seconds:.1f} s in all, overlays included); "
-          f"results in {out / 'index.html'}")
-    return {"rows": rows, "seconds_per_image": seconds / len(rows), "out": out, **counts}
+    print(f"{seconds / len(rows):.3f} s per image ({seconds:.1f} s in all, {overlay_seconds:.1f} s of it drawing and "
+          f"writing overlays); results in {out / 'index.html'}")
+    return {"rows": rows, "seconds_per_image": seconds / len(rows), "overlay_seconds_per_image":
+            overlay_seconds / len(rows), "out": out, **counts}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
