@@ -335,16 +335,17 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict:
-    """The git commit of the code this process runs, and whether tracked files differed from it, read once: the
-    first call (at the start of every script's run) fixes it, so a commit made while a long study runs is not
-    recorded for runs whose code was loaded before it."""
+    """The git commit of the code this process runs, and whether its tracked code (Python files, requirements.txt)
+    differed from it, read once: the first call (at the start of every script's run) fixes it, so a commit made
+    while a long study runs is not recorded for runs whose code was loaded before it. Results, docs and the report
+    files a study rewrites as it goes do not make the code dirty."""
     def git(*cmd: str) -> str | None:
         try:
             return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=Path(__file__).parent,
                                   timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "requirements.txt")
     return {"git_commit": git("rev-parse", "--short", "HEAD") or None,
             "git_dirty": None if status is None else bool(status)}
 
