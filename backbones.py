@@ -15,6 +15,7 @@ import importlib
 import math
 import os
 import pickle
+import platform
 import re
 import sys
 import urllib.error
@@ -374,6 +375,26 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def cpu_model() -> str:
+    """The host CPU as Linux and torch report it: model name, family and model numbers, and the widest vector
+    instructions torch uses (hosts differ between runs: their kernels round differently, so a training run may
+    take another path on another host)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+            if not line.strip() and fields:  # the first processor's block is enough
+                break
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields and "model" in fields \
+        else ""
+    return f"{name}{family}; torch sees {torch.backends.cpu.get_cpu_capability()}"
+
+
 def device_info(device: torch.device, faiss_gpu: bool | None = None) -> dict:
     """What a run ran on, for its metrics.json: the device with its actual index, the GPU's name, the torch, CUDA
     and cuDNN versions, torch's CPU threads, and faiss_gpu: whether the FAISS index searched on the GPU (None for
@@ -384,7 +405,7 @@ def device_info(device: torch.device, faiss_gpu: bool | None = None) -> dict:
             "gpu_name": torch.cuda.get_device_name(index) if cuda else None,
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "cpu_threads": torch.get_num_threads(), "faiss_gpu": faiss_gpu}
+            "cpu": cpu_model(), "cpu_threads": torch.get_num_threads(), "faiss_gpu": faiss_gpu}
 
 
 def describe_device(info: dict) -> str:

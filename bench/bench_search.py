@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,20 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import backbones  # noqa: E402
 import patchcore  # noqa: E402
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its widest vector instructions, as Linux and torch report them."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}; torch sees {torch.backends.cpu.get_cpu_capability()}"
 
 
 def best_seconds(call, repeats: int) -> float:
@@ -89,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    print(cpu_model())
+    print(backbones.cpu_model())
     print(f"torch {torch.__version__}, faiss {faiss.__version__}")
     rows = []
     header = f"{'queries':>7} {'bank':>7} {'threads':>7} | {'FAISS ms':>9} {'GFLOP/s':>7} | {'torch ms':>9} " \
@@ -106,7 +93,7 @@ def main(argv=None) -> list[dict]:
                       flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(cpu=cpu_model(), torch=torch.__version__, faiss=faiss.__version__,
+        Path(args.out).write_text(json.dumps(dict(cpu=backbones.cpu_model(), torch=torch.__version__, faiss=faiss.__version__,
                                                   rows=rows), indent=1))
     return rows
 

@@ -515,3 +515,10 @@ def test_cli_error_exits_with_the_sentence(tmp_path):
     with pytest.raises(SystemExit) as e:
         backbones.main(["--backbone", "resnet18", "--weights", str(tmp_path / "nothing.pt")])
     assert isinstance(e.value.code, str) and e.value.code.startswith("error: cannot read weights file")
+
+
+def test_device_info_names_the_host_cpu():
+    # hosts differ between runs (their kernels round differently): every metrics.json says which CPU ran it
+    info = backbones.device_info(torch.device("cpu"))
+    assert info["cpu"] == backbones.cpu_model() and "torch sees" in info["cpu"]
+    assert torch.backends.cpu.get_cpu_capability() in info["cpu"]
