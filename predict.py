@@ -429,7 +429,8 @@ def run(args: argparse.Namespace) -> dict:
                     raise data.DataError(f"{it.path}: {it.reason} (--strict ends the run at the first unreadable "
                                          f"file; nothing was written)")
             batch_rows, seconds = score_batch(items, tensors, methods, fused, device, tmp, args.save_maps)
-            rows, overlay_seconds = rows + batch_rows, overlay_seconds + seconds
+            rows += batch_rows
+            overlay_seconds += seconds
             bar.update(len(items))
         bar.close()
         # Write: predictions.csv in the input order, then the page
