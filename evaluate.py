@@ -172,7 +172,7 @@ def plan_open_set(train, test, category: str, seed: int, args) -> list[dict]:
             raise data.DataError(f"--hard-m takes one number (labelled anomalies of the known type), got '{args.hard_m}'")
         for t in sorted({s.defect_type for s in test} - {"good"}):
             split = splits.open_set_split(train, test, category, seed, "hard", m[0], known=t)
-            planned.append({**split, "tag": f"hard-{t}", "role": "hard", "held_out": t, "arms": arms})
+            planned.append({**split, "tag": f"hard-{t}", "role": "hard", "arms": arms})  # held_out: t
     return planned
 
 

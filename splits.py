@@ -155,7 +155,8 @@ def open_set_split(train: Sequence[Sample], test: Sequence[Sample], category: st
     taken = {s.rel for s in labelled}
     evaluated = [s.rel for s in sorted(test, key=lambda s: (s.defect_type, s.rel))
                  if s.rel not in taken and (eval_types is None or s.defect_type in eval_types)]
-    return {"category": category, "seed": seed, "scenario": scenario, "k": m, "known": known, "held_out": None,
+    # held_out: hard's known type also names its runs (hard-<type>) and the study's held_out column
+    return {"category": category, "seed": seed, "scenario": scenario, "k": m, "known": known, "held_out": known,
             "train_defects": [s.rel for s in labelled],
             "heldout_good": [s.rel for s in heldout_train_good(train, seed)],
             "eval": evaluated}
@@ -212,8 +213,6 @@ def main(argv=None) -> None:
             open_set_split(train, test, args.category, args.seed, args.scenario, args.k, args.held_out) \
             if args.scenario in OPEN_SET_SCENARIOS else \
             make_split(test, args.category, args.seed, args.scenario, args.k, args.held_out)
-        if args.scenario == "hard":  # as evaluate.py writes it: the known type also names the run (hard-<type>)
-            split["held_out"] = args.held_out
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_split(split, args.out)
         print(f"wrote {args.out}: {len(split['train_defects'])} training defects, {len(split['eval'])} eval images")
