@@ -84,7 +84,7 @@ def split_command(split: dict, data_root: str, path: Path) -> str:
     argv = ["python3", "splits.py", "--data-root", str(data_root), "--category", split["category"],
             "--seed", str(split["seed"]), "--scenario", split["scenario"]]
     argv += ["--k", str(split["k"])] if split["k"] is not None and split["scenario"] != "open-set" else []
-    held = split.get("known") or split.get("held_out")  # hard: the known type; unseen-type: the type left out
+    held = split["held_out"]  # hard: the known type; unseen-type: the type left out
     argv += ["--held-out", held] if held else []
     return shlex.join([*argv, "--out", str(path)])
 
@@ -172,7 +172,7 @@ def plan_open_set(train, test, category: str, seed: int, args) -> list[dict]:
             raise data.DataError(f"--hard-m takes one number (labelled anomalies of the known type), got '{args.hard_m}'")
         for t in sorted({s.defect_type for s in test} - {"good"}):
             split = splits.open_set_split(train, test, category, seed, "hard", m[0], known=t)
-            planned.append({**split, "tag": f"hard-{t}", "role": "hard", "arms": arms})  # held_out: t
+            planned.append({**split, "tag": f"hard-{t}", "role": "hard", "arms": arms})  # its held_out is t
     return planned
 
 
